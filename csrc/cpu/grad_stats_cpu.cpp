@@ -1,0 +1,398 @@
+// Fused gradient statistics on the CPU: one read of every element yields
+// p-norms, max|x|, NaN/+Inf/-Inf/zero counts and the power-of-two magnitude
+// histogram (definitions: fastgrad/reference.py; table layout: fastgrad/spec.py).
+//
+// Work split: every tensor is cut into chunks of kChunk elements that never
+// cross tensor boundaries; the (tensor, chunk) work items are spread over
+// OpenMP threads. Each item writes its partials to its own slot; a second
+// stage combines each tensor's slots in chunk order. No floating-point value
+// is ever combined in a thread-dependent order, so the results are bitwise
+// identical run to run and for any thread count.
+//
+// Inside a chunk, blocks of kBlock elements are converted to float (or
+// double for float64 input) in an L1-resident buffer when they are not
+// already contiguous float, then one vectorised loop (omp simd) accumulates
+// sum|x| and sum x^2 in double, max|x|, and either the four counts or each
+// element's histogram slot; a scalar loop then bumps the slot counters,
+// spread over four sub-histograms to break store->load dependencies.
+//
+// Norm partials are pairs (s, m) meaning norm^p = m^p * s. The fast path
+// has m = 1 and s = sum |x|^p in double, which cannot overflow or underflow
+// for float32/16 inputs. Float64 chunks whose sum over/underflowed, and every
+// p other than 1 and 2, are re-read (the chunk is still in cache) as
+// s = sum (|x| / m)^p with m a power of two near the chunk's max|x|.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "tensor_view.h"
+
+namespace fastgrad {
+
+namespace {
+
+constexpr int64_t kChunk = int64_t(1) << 16;
+constexpr int64_t kBlock = 2048;
+constexpr int kNumCounts = 4;  // NAN, POSINF, NEGINF, ZERO: fastgrad/spec.py
+constexpr int kSubHists = 4;
+
+// Histogram slots used inside the kernel: [0, B) are the bins, then the four
+// special classes, so one table lookup also yields the counts.
+struct Bins {
+  int min_exp, num_bins;
+  int slot_zero() const { return num_bins; }
+  int slot_nan() const { return num_bins + 1; }
+  int slot_posinf() const { return num_bins + 2; }
+  int slot_neginf() const { return num_bins + 3; }
+  int num_slots() const { return num_bins + 4; }
+};
+
+template <typename T> struct FloatBits;
+template <> struct FloatBits<float> {
+  using U = uint32_t;
+  using I = int32_t;
+  static constexpr int kMantBits = 23, kExpMask = 0xff, kBias = 127;
+};
+template <> struct FloatBits<double> {
+  using U = uint64_t;
+  using I = int64_t;
+  static constexpr int kMantBits = 52, kExpMask = 0x7ff, kBias = 1023;
+};
+
+// The slot of one value: its bin by biased exponent, or a special class.
+// Branch-free so the enclosing loop vectorises.
+template <typename T>
+inline int slot_of(T v, const Bins& b) {
+  using FB = FloatBits<T>;
+  typename FB::U u;
+  std::memcpy(&u, &v, sizeof(T));
+  const typename FB::I e = typename FB::I((u >> FB::kMantBits) & FB::kExpMask);
+  const bool mant = (u & ((typename FB::U(1) << FB::kMantBits) - 1)) != 0;
+  const bool neg = (u >> (sizeof(T) * 8 - 1)) != 0;
+  typename FB::I bin = e - FB::kBias - b.min_exp + 1;  // floor(log2|v|) - min_exp + 1
+  bin = bin < 0 ? 0 : bin;
+  bin = bin > b.num_bins - 1 ? b.num_bins - 1 : bin;
+  // e == 0: zero, or a subnormal (below 2^-126 <= 2^min_exp, so the underflow bin).
+  const int low = mant ? 0 : b.slot_zero();
+  const int high = mant ? b.slot_nan() : (neg ? b.slot_neginf() : b.slot_posinf());
+  return e == 0 ? low : (e == FB::kExpMask ? high : int(bin));
+}
+
+struct BlockAcc {
+  double s1 = 0, s2 = 0, maxabs = 0;
+  int64_t counts[kNumCounts] = {0, 0, 0, 0};
+};
+
+// One vectorised pass over n contiguous values.
+template <typename T, bool kHist>
+inline void block_pass(const T* __restrict x, int64_t n, BlockAcc& acc, const Bins& bins,
+                       uint16_t* __restrict slots) {
+  double s1 = 0, s2 = 0;
+  T mx = 0;
+  int64_t nan = 0, pinf = 0, ninf = 0, zero = 0;
+  const T inf = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(+ : s1, s2, nan, pinf, ninf, zero) reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i];
+    const T a = std::fabs(v);
+    const double d = a;
+    s1 += d;
+    s2 += d * d;
+    mx = a > mx ? a : mx;  // NaN compares false: max over non-NaN values
+    if constexpr (kHist) {
+      slots[i] = uint16_t(slot_of(v, bins));
+    } else {
+      nan += v != v;
+      pinf += v == inf;
+      ninf += v == -inf;
+      zero += v == T(0);
+    }
+  }
+  acc.s1 += s1;
+  acc.s2 += s2;
+  acc.maxabs = std::max(acc.maxabs, double(mx));
+  if constexpr (!kHist) {
+    acc.counts[0] += nan;
+    acc.counts[1] += pinf;
+    acc.counts[2] += ninf;
+    acc.counts[3] += zero;
+  }
+}
+
+inline void bump_slots(const uint16_t* slots, int64_t n, uint32_t* hist, int stride) {
+  int64_t i = 0;
+  for (; i + kSubHists <= n; i += kSubHists) {
+    ++hist[slots[i]];
+    ++hist[stride + slots[i + 1]];
+    ++hist[2 * stride + slots[i + 2]];
+    ++hist[3 * stride + slots[i + 3]];
+  }
+  for (; i < n; ++i) ++hist[slots[i]];
+}
+
+// Loads n logical elements starting at element offset `off` (element stride
+// `st`) as the compute type C. Returns a pointer either into the tensor
+// itself (contiguous, no conversion) or into buf.
+template <typename C>
+inline const C* load(const TensorDesc& d, int64_t off, int64_t n, int64_t st, C* __restrict buf) {
+  if (d.dtype == kF32 || d.dtype == kF64) {
+    using In = C;  // F32 -> float, F64 -> double
+    const In* p = reinterpret_cast<const In*>(d.data) + off;
+    if (st == 1) return p;
+    for (int64_t i = 0; i < n; ++i) buf[i] = p[i * st];
+    return buf;
+  }
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(d.data) + off;
+  if (d.dtype == kBF16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_float(p[i * st]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = f16_to_float(p[i * st]);
+  }
+  return buf;
+}
+
+// Calls f(ptr, n) over the chunk [begin, end) in blocks of at most kBlock
+// contiguous compute-type values.
+template <typename C, typename F>
+inline void for_each_block(const TensorDesc& d, int64_t begin, int64_t end, C* buf, F&& f) {
+  for_each_row(d, begin, end, [&](int64_t off, int64_t n, int64_t st) {
+    for (int64_t i = 0; i < n; i += kBlock) {
+      const int64_t m = std::min(kBlock, n - i);
+      f(load<C>(d, off + i * st, m, st, buf), m);
+    }
+  });
+}
+
+struct NormPair {  // norm^p = m^p * s; m == 0 means "nothing non-zero seen"
+  double s = 0, m = 0;
+};
+
+// sum (|x| / m)^p over the chunk, m = 2^k with k the exponent of maxabs.
+template <typename C>
+NormPair scaled_pass(const TensorDesc& d, int64_t begin, int64_t end, double p, double maxabs, C* buf) {
+  int k;
+  std::frexp(maxabs, &k);
+  const double inv = std::ldexp(1.0, -k);
+  double s = 0;
+  for_each_block<C>(d, begin, end, buf, [&](const C* x, int64_t n) {
+    double acc = 0;
+    if (p == 2.0) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < n; ++i) {
+        const double a = std::fabs(double(x[i])) * inv;
+        acc += a * a;
+      }
+    } else if (p == 1.0) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < n; ++i) acc += std::fabs(double(x[i])) * inv;
+    } else {
+      for (int64_t i = 0; i < n; ++i) acc += std::pow(std::fabs(double(x[i])) * inv, p);
+    }
+    s += acc;
+  });
+  return {s, std::ldexp(1.0, k)};
+}
+
+struct Job {
+  const std::vector<TensorDesc>* descs;
+  const std::vector<double>* ps;
+  Bins bins;
+  bool hist;
+  int ncounts;  // columns of the counts table
+  int nnorm;    // partial doubles per item: 2 per p, then maxabs
+};
+
+struct Item {
+  int64_t tensor, begin, end;
+};
+
+// Partials of one (tensor, chunk) item: norm pairs + maxabs into fpart,
+// counts (+ histogram) into cpart.
+template <typename C>
+void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart) {
+  const TensorDesc& d = (*job.descs)[it.tensor];
+  alignas(64) C buf[kBlock];
+  alignas(64) uint16_t slots[kBlock];
+  BlockAcc acc;
+  const int stride = job.bins.num_slots();
+  static thread_local std::vector<uint32_t> sub;  // kSubHists sub-histograms of slot counters
+  if (job.hist) sub.assign(size_t(kSubHists) * stride, 0u);
+
+  for_each_block<C>(d, it.begin, it.end, buf, [&](const C* x, int64_t n) {
+    if (job.hist) {
+      block_pass<C, true>(x, n, acc, job.bins, slots);
+      bump_slots(slots, n, sub.data(), stride);
+    } else {
+      block_pass<C, false>(x, n, acc, job.bins, nullptr);
+    }
+  });
+
+  for (int c = 0; c < job.ncounts; ++c) cpart[c] = 0;
+  if (job.hist) {
+    const Bins& b = job.bins;
+    for (int sidx = 0; sidx < stride; ++sidx) {
+      int64_t total = 0;
+      for (int h = 0; h < kSubHists; ++h) total += sub[size_t(h) * stride + sidx];
+      if (sidx < b.num_bins) cpart[kNumCounts + sidx] = total;
+      else if (sidx == b.slot_nan()) cpart[0] = total;
+      else if (sidx == b.slot_posinf()) cpart[1] = total;
+      else if (sidx == b.slot_neginf()) cpart[2] = total;
+      else cpart[3] = total;
+    }
+  } else {
+    for (int c = 0; c < kNumCounts; ++c) cpart[c] = acc.counts[c];
+  }
+
+  const bool has_nan = cpart[0] > 0;
+  const bool has_inf = cpart[1] + cpart[2] > 0;
+  const bool special = has_nan || has_inf || acc.maxabs == 0;
+  const std::vector<double>& ps = *job.ps;
+  for (size_t j = 0; j < ps.size(); ++j) {
+    const double p = ps[j];
+    NormPair np;
+    if (special) {
+      // NaN / Inf / all-zero chunks: the pair only has to carry that fact.
+      np = {has_nan ? std::nan("") : (has_inf ? HUGE_VAL : 0.0), has_nan || has_inf ? 1.0 : 0.0};
+    } else if (p == 1.0 || p == 2.0) {
+      const double s = p == 1.0 ? acc.s1 : acc.s2;
+      // Only float64 input can leave double's range here (|x| > 1e154 squared,
+      // or every |x| < 1e-154 losing bits when squared).
+      const bool bad = !std::isfinite(s) || (p == 2.0 && acc.maxabs < 0x1p-500);
+      np = bad ? scaled_pass<C>(d, it.begin, it.end, p, acc.maxabs, buf) : NormPair{s, 1.0};
+    } else {
+      np = scaled_pass<C>(d, it.begin, it.end, p, acc.maxabs, buf);
+    }
+    fpart[2 * j] = np.s;
+    fpart[2 * j + 1] = np.m;
+  }
+  fpart[2 * ps.size()] = acc.maxabs;
+}
+
+// norm = M * (sum_c s_c (m_c / M)^p)^(1/p), M = max m_c over chunks with s_c > 0.
+double combine_pairs(const double* f, int64_t count, int64_t step, double p) {
+  double M = 0;
+  bool nan = false, inf = false;
+  for (int64_t c = 0; c < count; ++c) {
+    const double s = f[c * step], m = f[c * step + 1];
+    nan |= std::isnan(s);
+    inf |= std::isinf(s);
+    if (s > 0 && m > M) M = m;
+  }
+  if (nan) return std::nan("");
+  if (inf) return HUGE_VAL;
+  if (M == 0) return 0.0;
+  double S = 0;
+  for (int64_t c = 0; c < count; ++c) {
+    const double s = f[c * step], m = f[c * step + 1];
+    if (s > 0) S += s * (m == M ? 1.0 : std::pow(m / M, p));
+  }
+  return M * std::pow(S, 1.0 / p);
+}
+
+}  // namespace
+
+std::vector<TensorDesc> make_descs(const std::vector<int64_t>& ptrs, const std::vector<int64_t>& dtypes,
+                                   const std::vector<int64_t>& numels, const std::vector<int64_t>& layout,
+                                   const std::vector<int64_t>& dims) {
+  const size_t T = ptrs.size();
+  if (dtypes.size() != T || numels.size() != T || layout.size() != T)
+    throw std::invalid_argument("fastgrad._C: tensor description arrays differ in length");
+  std::vector<TensorDesc> descs(T);
+  for (size_t t = 0; t < T; ++t) {
+    TensorDesc& d = descs[t];
+    d.data = reinterpret_cast<char*>(ptrs[t]);
+    if (dtypes[t] < 0 || dtypes[t] > 3) throw std::invalid_argument("fastgrad._C: unknown dtype code");
+    d.dtype = DType(dtypes[t]);
+    d.numel = numels[t];
+    if (layout[t] < 0) {
+      d.ndim = 1;
+      d.sizes[0] = d.numel;
+      d.strides[0] = 1;
+      continue;
+    }
+    const int64_t o = layout[t];
+    const int64_t nd = dims.at(o);
+    if (nd < 1 || nd > kMaxDims) throw std::invalid_argument("fastgrad._C: too many dimensions");
+    d.ndim = int(nd);
+    for (int k = 0; k < d.ndim; ++k) {
+      d.sizes[k] = dims.at(o + 1 + k);
+      d.strides[k] = dims.at(o + 1 + nd + k);
+    }
+  }
+  return descs;
+}
+
+void grad_stats_cpu(const std::vector<TensorDesc>& descs, const std::vector<double>& ps, bool hist,
+                    int min_exp, int max_exp, double* out_floats, int64_t* out_counts, int num_threads) {
+  const int64_t T = int64_t(descs.size());
+  Job job{&descs, &ps, Bins{min_exp, max_exp - min_exp + 2}, hist, 0, 0};
+  job.ncounts = kNumCounts + (hist ? job.bins.num_bins : 0);
+  job.nnorm = int(2 * ps.size() + 1);
+
+  std::vector<Item> items;
+  std::vector<int64_t> first_item(T + 1);
+  for (int64_t t = 0; t < T; ++t) {
+    first_item[t] = int64_t(items.size());
+    const int64_t n = descs[t].numel;
+    for (int64_t b = 0; b < n; b += kChunk) items.push_back({t, b, std::min(n, b + kChunk)});
+  }
+  first_item[T] = int64_t(items.size());
+  const int64_t W = int64_t(items.size());
+
+  std::vector<double> fpart(size_t(W) * job.nnorm);
+  // Single-chunk tensors write their counts straight into the output row.
+  std::vector<int64_t> cpart;
+  std::vector<int64_t*> crow(W);
+  {
+    int64_t extra = 0;
+    for (int64_t t = 0; t < T; ++t)
+      if (first_item[t + 1] - first_item[t] > 1) extra += first_item[t + 1] - first_item[t];
+    cpart.resize(size_t(extra) * job.ncounts);
+    int64_t k = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t n = first_item[t + 1] - first_item[t];
+      for (int64_t w = first_item[t]; w < first_item[t + 1]; ++w)
+        crow[w] = n == 1 ? out_counts + t * job.ncounts : cpart.data() + (k++) * job.ncounts;
+    }
+  }
+
+  const int nt = std::max(1, std::min<int>(num_threads, int(std::max<int64_t>(W, 1))));
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nt)
+  for (int64_t w = 0; w < W; ++w) {
+    const Item& it = items[w];
+    double* f = fpart.data() + w * job.nnorm;
+    if (descs[it.tensor].dtype == kF64) process_item<double>(job, it, f, crow[w]);
+    else process_item<float>(job, it, f, crow[w]);
+  }
+
+  // Second stage: each tensor's chunks in chunk order (fixed, thread-independent).
+  const int nf = int(ps.size()) + 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t w0 = first_item[t], nw = first_item[t + 1] - w0;
+    double* out = out_floats + t * nf;
+    int64_t* cout = out_counts + t * job.ncounts;
+    if (nw == 0) {
+      for (int j = 0; j < nf; ++j) out[j] = 0.0;
+      for (int c = 0; c < job.ncounts; ++c) cout[c] = 0;
+      continue;
+    }
+    const double* f = fpart.data() + w0 * job.nnorm;
+    for (size_t j = 0; j < ps.size(); ++j) out[j] = combine_pairs(f + 2 * j, nw, job.nnorm, ps[j]);
+    double mx = 0;
+    for (int64_t c = 0; c < nw; ++c) mx = std::max(mx, f[c * job.nnorm + job.nnorm - 1]);
+    out[nf - 1] = mx;
+    if (nw > 1) {
+      for (int c = 0; c < job.ncounts; ++c) cout[c] = 0;
+      for (int64_t w = w0; w < w0 + nw; ++w)
+        for (int c = 0; c < job.ncounts; ++c) cout[c] += crow[w][c];
+    }
+  }
+}
+
+}  // namespace fastgrad

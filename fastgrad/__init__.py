@@ -1,0 +1,38 @@
+"""fastgrad: see and control your gradients from one fused read.
+
+Public API:
+    grad_stats(...) -> GradStats      every statistic of a set of gradients
+    clip_grad_norm_, clip_grad_value_, get_total_norm, clip_grads_with_norm_
+                                      drop-in replacements for torch.nn.utils'
+    HistogramSpec                     the power-of-two magnitude bins
+    available_backends()              which backends can run here, and why not
+"""
+
+from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .spec import HistogramSpec, StatsSpec
+from .stats import GradStats, grad_stats
+from .backends import BACKEND_NAMES, get_backend
+
+__version__ = "0.1.0"
+
+
+def available_backends(device: str = "cpu", dtype=None) -> dict[str, str | None]:
+    """``{backend: None if usable else the reason}`` for tensors of ``dtype`` on ``device``."""
+    import torch
+
+    dev = torch.device(device)
+    dt = dtype or torch.float32
+    return {name: get_backend(name).why_not(dev, dt) for name in BACKEND_NAMES}
+
+
+__all__ = [
+    "GradStats",
+    "HistogramSpec",
+    "StatsSpec",
+    "available_backends",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+    "grad_stats",
+]

@@ -1,0 +1,107 @@
+"""C++ CPU backend (csrc/cpu, module ``fastgrad._C``): fused statistics, scale and clamp.
+
+Tensors are described to C++ by raw pointer, dtype code, element count and,
+for views that do not fill a dense block of memory, their coalesced sizes
+and strides. A tensor that is dense in some dimension order (contiguous,
+channels-last, transposed) is read flat in memory order: the statistics do
+not depend on element order, so no copy is ever made.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..spec import RawStats, StatsSpec
+
+try:
+    from .. import _C
+
+    LOAD_ERROR: str | None = None
+except ImportError as e:  # compiler missing at install time, or a broken build
+    _C = None
+    LOAD_ERROR = f"the C++ extension fastgrad._C is not available ({e}); reinstall with a C++ compiler"
+
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _dense_in_some_order(t: torch.Tensor) -> bool:
+    """True if the elements of ``t`` exactly fill ``numel`` consecutive slots of memory."""
+    expected = 1
+    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride()) if s != 1))
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _coalesced(t: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Sizes and strides of ``t`` with size-1 dims dropped and mergeable neighbours merged."""
+    sizes, strides = [], []
+    for s, st in zip(t.shape, t.stride()):
+        if s == 1:
+            continue
+        if sizes and strides[-1] == st * s:
+            sizes[-1] *= s
+            strides[-1] = st
+        else:
+            sizes.append(s)
+            strides.append(st)
+    return sizes or [1], strides or [1]
+
+
+def describe(tensors) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """The parallel arrays ``_C`` takes: pointers, dtype codes, numels, layout offsets, dims."""
+    ptrs, codes, numels, layout, dims = [], [], [], [], []
+    for t in tensors:
+        ptrs.append(t.data_ptr())
+        codes.append(DTYPE_CODES[t.dtype])
+        numels.append(t.numel())
+        if t.is_contiguous() or t.numel() <= 1 or _dense_in_some_order(t):
+            layout.append(-1)
+        else:
+            sizes, strides = _coalesced(t)
+            if len(sizes) > 12:
+                raise RuntimeError(f"fastgrad cpu backend: a view with {len(sizes)} non-mergeable dims")
+            layout.append(len(dims))
+            dims += [len(sizes), *sizes, *strides]
+    return ptrs, codes, numels, layout, dims
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cpu":
+            return "it runs on CPU tensors only"
+        if _C is None:
+            return LOAD_ERROR
+        if dtype not in DTYPE_CODES:
+            return f"dtype {dtype} is not supported"
+        return None
+
+    def stats(self, tensors, spec: StatsSpec) -> RawStats:
+        floats = torch.empty(len(tensors), spec.num_float_cols, dtype=torch.float64)
+        counts = torch.empty(len(tensors), spec.num_count_cols, dtype=torch.int64)
+        h = spec.histogram
+        _C.grad_stats(
+            *describe(tensors),
+            list(spec.finite_norms),
+            h is not None,
+            h.min_exp if h else 0,
+            h.max_exp if h else 1,
+            floats.data_ptr(),
+            counts.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return RawStats(floats, counts)
+
+    def scale_(self, tensors, coef: torch.Tensor) -> None:
+        coef = coef.to(torch.float64).contiguous()  # 0-d CPU float64: C++ reads it, no .item()
+        _C.scale_(*describe(tensors), coef.data_ptr(), torch.get_num_threads())
+
+    def clamp_(self, tensors, clip_value: float) -> None:
+        _C.clamp_(*describe(tensors), -clip_value, clip_value, torch.get_num_threads())
+
+
+BACKEND = CpuBackend()

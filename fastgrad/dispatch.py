@@ -1,0 +1,118 @@
+"""The one place a backend is chosen.
+
+Per (device, dtype) the backends are tried in priority order (``cuda``,
+``triton``, ``cpu``, ``reference``); each says why it refuses an input. An
+explicit choice (``backend=`` or ``FASTGRAD_BACKEND``) that cannot serve an
+input raises with the reason; an automatic choice falls back, warning once
+when a compiled backend the user likely expected is missing. Kernels never
+choose backends.
+
+Tensors that land on the same (device, backend) go to that backend in one
+call, whatever their dtypes, so the common case is a single call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .backends import get_backend, BACKEND_NAMES
+from .spec import RawStats, StatsSpec
+
+ENV_VAR = "FASTGRAD_BACKEND"
+PRIORITY = ("cuda", "triton", "cpu", "reference")
+
+
+def requested_backend(backend: str | None) -> str | None:
+    """The explicit backend name (argument first, then ``FASTGRAD_BACKEND``), checked; None = auto."""
+    name = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+    if name is None or name == "auto":
+        return None
+    if name not in BACKEND_NAMES:
+        src = "backend=" if backend is not None else f"{ENV_VAR}="
+        raise ValueError(f"unknown {src}{name!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def choose(device: torch.device, dtype: torch.dtype, requested: str | None):
+    """The backend object for tensors of ``dtype`` on ``device``."""
+    if requested is not None:
+        b = get_backend(requested)
+        reason = b.why_not(device, dtype)
+        if reason is not None:
+            raise RuntimeError(
+                f"fastgrad backend {requested!r} cannot handle {dtype} tensors on {device}: "
+                f"{reason}. Pick another with backend= or {ENV_VAR}, or leave it unset for auto."
+            )
+        return b
+    refused = []
+    for name in PRIORITY:
+        b = get_backend(name)
+        reason = b.why_not(device, dtype)
+        if reason is None:
+            if refused and name == "reference" and device.type in ("cpu", "cuda"):
+                warnings.warn(
+                    f"fastgrad: using the slow reference backend for {dtype} on {device} "
+                    "because " + "; ".join(f"{n}: {r}" for n, r in refused),
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return b
+        refused.append((name, reason))
+    raise RuntimeError(  # unreachable while the reference accepts everything; kept for clarity
+        f"no fastgrad backend for {dtype} on {device}: "
+        + "; ".join(f"{n}: {r}" for n, r in refused)
+    )
+
+
+def _route(tensors: Sequence[torch.Tensor], backend: str | None):
+    """``{(device, backend object): [indices]}`` in first-seen order."""
+    req = requested_backend(backend)
+    routes: dict = {}
+    keys: dict = {}
+    for i, t in enumerate(tensors):
+        k = (t.device, t.dtype)
+        b = keys.get(k)
+        if b is None:
+            b = keys[k] = choose(t.device, t.dtype, req)
+        routes.setdefault((t.device, b), []).append(i)
+    return routes
+
+
+def compute_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None) -> RawStats:
+    """The :class:`RawStats` of ``tensors``, rows in input order, on the first tensor's device."""
+    if not tensors:
+        return RawStats(
+            torch.zeros(0, spec.num_float_cols, dtype=torch.float64),
+            torch.zeros(0, spec.num_count_cols, dtype=torch.int64),
+        )
+    routes = _route(tensors, backend)
+    if len(routes) == 1:
+        (_, b), _ = next(iter(routes.items()))
+        return b.stats(list(tensors), spec)
+    device = tensors[0].device
+    floats = torch.empty(len(tensors), spec.num_float_cols, dtype=torch.float64, device=device)
+    counts = torch.empty(len(tensors), spec.num_count_cols, dtype=torch.int64, device=device)
+    for (_, b), idx in routes.items():
+        raw = b.stats([tensors[i] for i in idx], spec)
+        rows = torch.tensor(idx, device=device)
+        floats[rows] = raw.floats.to(device)
+        counts[rows] = raw.counts.to(device)
+    return RawStats(floats, counts)
+
+
+def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | None = None) -> None:
+    """``x *= coef`` in place for every tensor; ``coef`` is a 0-d float tensor (never read on the host)."""
+    for (device, b), idx in _route(tensors, backend).items():
+        b.scale_([tensors[i] for i in idx], coef.to(device, torch.float64))
+
+
+def clamp_(tensors: Sequence[torch.Tensor], clip_value: float, backend: str | None = None) -> None:
+    """``x = clamp(x, -clip_value, clip_value)`` in place for every tensor, in one pass."""
+    for (_, b), idx in _route(tensors, backend).items():
+        b.clamp_([tensors[i] for i in idx], clip_value)

@@ -1,0 +1,139 @@
+"""What a statistics pass computes, and the layout every backend writes it in.
+
+A backend is handed a list of gradient tensors and a :class:`StatsSpec` and
+fills two tables, one row per tensor (see :class:`RawStats`):
+
+``floats``  float64 ``[T, P + 1]``
+    column ``j < P``: the ``spec.finite_norms[j]``-norm of the tensor,
+    ``(sum_i |x_i|^p)^(1/p)``, NaN if the tensor holds a NaN, +Inf if it holds
+    an Inf; column ``P``: ``max_i |x_i|`` over the non-NaN elements (+Inf if
+    it holds an Inf, 0 for an empty tensor).
+``counts``  int64 ``[T, 4 + B]``
+    columns ``NAN, POSINF, NEGINF, ZERO`` (``±0`` both count as zero), then the
+    ``B = spec.histogram.num_bins`` magnitude-histogram bins (all zero when
+    ``spec.histogram`` is None).
+
+Norms, not sums of powers, are the per-tensor currency: a norm never
+overflows where the answer itself is finite (``|x| = 1e200`` in float64,
+``1e30`` squared in float32), and groups of norms are combined with the same
+scaled formula everywhere (:func:`fastgrad.aggregate.combine_norms`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+NAN, POSINF, NEGINF, ZERO = range(4)
+NUM_COUNTS = 4
+COUNT_NAMES = ("nan", "posinf", "neginf", "zero")
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    """Fixed power-of-two magnitude bins, comparable across steps and ranks.
+
+    A finite non-zero value ``x`` with ``e = floor(log2 |x|)`` falls in
+
+    * bin ``0`` (underflow) if ``e < min_exp``  (subnormals always do),
+    * bin ``1 + e - min_exp`` if ``min_exp <= e < max_exp``, i.e. the bin
+      holding ``[2^e, 2^(e+1))``,
+    * bin ``num_bins - 1`` (overflow) if ``e >= max_exp``.
+
+    Zeros, NaN and ±Inf are not in any bin; they have their own counters.
+    The exponent is read from the float's bits, never with a logarithm.
+    """
+
+    min_exp: int = -64
+    max_exp: int = 16
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.min_exp, int) and isinstance(self.max_exp, int)):
+            raise TypeError("HistogramSpec: min_exp and max_exp must be ints")
+        # -126 is float32's smallest normal exponent: every dtype then maps its
+        # subnormals to the underflow bin, and bins are the same for all dtypes.
+        if not (-126 <= self.min_exp < self.max_exp <= 128):
+            raise ValueError(
+                f"HistogramSpec needs -126 <= min_exp < max_exp <= 128, got "
+                f"min_exp={self.min_exp}, max_exp={self.max_exp}"
+            )
+
+    @property
+    def num_bins(self) -> int:
+        return self.max_exp - self.min_exp + 2
+
+    def edges(self) -> list[float]:
+        """Bin edges as magnitudes: ``[0, 2^min_exp, ..., 2^max_exp, inf]`` (``num_bins + 1``)."""
+        return [0.0] + [2.0**e for e in range(self.min_exp, self.max_exp + 1)] + [math.inf]
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """The statistics one pass computes. ``norm_types`` are the requested p (``inf`` allowed)."""
+
+    norm_types: tuple[float, ...] = (2.0,)
+    histogram: HistogramSpec | None = field(default_factory=HistogramSpec)
+
+    @property
+    def finite_norms(self) -> tuple[float, ...]:
+        """The finite p among ``norm_types``, in order, without repeats: one float column each."""
+        out: list[float] = []
+        for p in self.norm_types:
+            if math.isfinite(p) and p not in out:
+                out.append(p)
+        return tuple(out)
+
+    @property
+    def num_float_cols(self) -> int:
+        return len(self.finite_norms) + 1
+
+    @property
+    def num_count_cols(self) -> int:
+        return NUM_COUNTS + (self.histogram.num_bins if self.histogram else 0)
+
+
+class RawStats(NamedTuple):
+    """The two tables a backend fills (layout in the module docstring)."""
+
+    floats: torch.Tensor
+    counts: torch.Tensor
+
+
+def parse_norm_type(norm_type: float | int | str) -> float:
+    """``norm_type`` as torch accepts it (a number or ``'inf'``), checked to be a valid p > 0."""
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise TypeError(f"norm_type must be a number or 'inf', got {norm_type!r}") from None
+    if math.isnan(p) or p <= 0:
+        raise ValueError(
+            f"norm_type must be > 0 (a p-norm, or inf), got {norm_type!r}; "
+            "p <= 0 is not a norm"
+        )
+    return p
+
+
+def make_spec(norm_types, histogram) -> StatsSpec:
+    """Build a :class:`StatsSpec` from the public ``norm_types`` / ``histogram`` arguments."""
+    if isinstance(norm_types, (int, float, str)):
+        norm_types = (norm_types,)
+    ps = tuple(parse_norm_type(p) for p in norm_types)
+    if not ps:
+        raise ValueError("norm_types must name at least one norm, e.g. (2,)")
+    if histogram is True:
+        hist = HistogramSpec()
+    elif histogram is False or histogram is None:
+        hist = None
+    elif isinstance(histogram, HistogramSpec):
+        hist = histogram
+    elif isinstance(histogram, tuple) and len(histogram) == 2:
+        hist = HistogramSpec(*histogram)
+    else:
+        raise TypeError(
+            "histogram must be True, False, a HistogramSpec or a (min_exp, max_exp) tuple, "
+            f"got {histogram!r}"
+        )
+    return StatsSpec(ps, hist)
