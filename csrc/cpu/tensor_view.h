@@ -100,10 +100,10 @@ inline float f16_to_float(uint16_t h) {
   return bits_to_float(sign | mag);
 }
 
-// float -> bfloat16, round to nearest even; NaN stays a quiet NaN.
+// float -> bfloat16, round to nearest even; NaN becomes torch's canonical 0x7fc0.
 inline uint16_t float_to_bf16(float f) {
   const uint32_t u = float_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x0040u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
   return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 

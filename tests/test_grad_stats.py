@@ -1,0 +1,172 @@
+"""The public grad_stats API: inputs, names, groups, GradStats views and helpers, errors."""
+
+import math
+
+import pytest
+import torch
+
+import fastgrad
+from fastgrad.reference import tensor_norm_reference
+
+from conftest import make_tensor
+
+BACKENDS = ["reference", "cpu"]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    )
+    m(torch.randn(5, 6)).pow(2).sum().backward()
+    return m
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_input_names_groups_and_totals(backend):
+    m = tiny_model()
+    s = fastgrad.grad_stats(m, backend=backend, norm_types=(2, 1, "inf"))
+    names = [n for n, _ in m.named_parameters()]
+    assert list(s.names) == names
+    grads = [p.grad for p in m.parameters()]
+    for i, g in enumerate(grads):
+        assert s.tensor_norms[i].item() == pytest.approx(g.double().norm().item(), rel=1e-12)
+        assert s.norm(1)[i].item() == pytest.approx(g.double().abs().sum().item(), rel=1e-12)
+        assert s.norm("inf")[i].item() == g.abs().max().item()
+        assert s.max_abs[i].item() == g.abs().max().item()
+    flat = torch.cat([g.double().flatten() for g in grads])
+    assert s.total_norm.item() == pytest.approx(flat.norm().item(), rel=1e-12)
+    assert s.total_norm.dtype == torch.float64
+    # grouped by owning module by default for a Module
+    assert s.groups is not None
+    assert list(s.groups.names) == ["0", "2.0", "2.1"]
+    g0 = torch.cat([m[0].weight.grad.flatten(), m[0].bias.grad.flatten()]).double()
+    assert s.groups.tensor_norms[0].item() == pytest.approx(g0.norm().item(), rel=1e-12)
+    assert s.groups.numel.tolist() == [6 * 8 + 8, 8 * 8 + 8, 8 * 2 + 2]
+    assert int(s.global_histogram.sum()) == flat.numel() - int((flat == 0).sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_params_tensors_pairs(backend):
+    m = tiny_model()
+    params = list(m.parameters())
+    params[1].grad = None  # skipped, like torch
+    s1 = fastgrad.grad_stats(params, backend=backend)
+    assert list(s1.names) == ["[0]", "[2]", "[3]", "[4]", "[5]"]
+    s2 = fastgrad.grad_stats([p.grad for p in params if p.grad is not None], backend=backend)
+    assert torch.equal(s1.tensor_norms, s2.tensor_norms)
+    s3 = fastgrad.grad_stats(m.named_parameters(), backend=backend)
+    assert s3.names[0] == "0.weight" and "0.bias" not in s3.names
+    s4 = fastgrad.grad_stats(params, names=[f"p{i}" for i in range(6)], backend=backend)
+    assert s4.names[0] == "p0"
+    single = fastgrad.grad_stats(torch.ones(4), backend=backend)
+    assert single.total_norm.item() == 2.0
+
+
+@pytest.mark.parametrize(
+    "groups, want",
+    [("module", ["a.b", "a", "c"]), (1, ["a", "c"]), (lambda n: n[0], ["a", "c"]),
+     ({"a.b.w": "x", "a.w": "x"}, ["x", "c.w"]), (["g1", "g2", "g1"], ["g1", "g2"])],
+)
+def test_group_arguments(groups, want):
+    xs = [torch.full((4,), 1.0), torch.full((9,), 2.0), torch.full((16,), 3.0)]
+    s = fastgrad.grad_stats(xs, names=["a.b.w", "a.w", "c.w"], groups=groups)
+    assert list(s.groups.names) == want
+    labels = fastgrad.stats.group_labels(["a.b.w", "a.w", "c.w"], groups)
+    for gi, gname in enumerate(want):
+        members = torch.cat([x for x, lab in zip(xs, labels) if lab == gname]).double()
+        assert s.groups.tensor_norms[gi].item() == pytest.approx(members.norm().item(), rel=1e-14)
+        assert s.groups.numel[gi].item() == members.numel()
+
+
+def test_group_norms_with_nan_inf_and_zero_groups():
+    xs = [torch.tensor([1.0, float("nan")]), torch.tensor([3.0]), torch.tensor([float("inf"), 1.0]),
+          torch.zeros(3), torch.empty(0)]
+    s = fastgrad.grad_stats(xs, groups=["a", "a", "b", "c", "c"], norm_types=(2, "inf"))
+    n = s.groups.tensor_norms.tolist()
+    assert math.isnan(n[0]) and n[1] == math.inf and n[2] == 0.0
+    assert math.isnan(s.groups.norm("inf")[0].item()) and s.groups.norm("inf")[1].item() == math.inf
+    assert s.groups.nan_count.tolist() == [1, 0, 0]
+    assert s.groups.zero_count.tolist() == [0, 0, 3]
+    assert math.isnan(s.total_norm.item())
+    assert s.nonfinite_names() == ["[0]", "[2]"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_total_norm_scaled_combination_extremes(backend):
+    # per-tensor norms of 1e200 and 1e-200 (float64) combine without overflow or loss
+    xs = [torch.full((4,), 1e200, dtype=torch.float64), torch.full((4,), 1e-200, dtype=torch.float64)]
+    s = fastgrad.grad_stats(xs, backend=backend)
+    assert s.total_norm.item() == pytest.approx(2e200, rel=1e-14)
+    assert s.tensor_norms[1].item() == pytest.approx(2e-200, rel=1e-14)
+
+
+def test_to_dict_summary_nonfinite_names():
+    m = tiny_model()
+    m[0].weight.grad[0, 0] = float("nan")
+    s = fastgrad.grad_stats(m, norm_types=(2, "inf"))
+    d = s.to_dict()
+    assert set(d) == {n for n, _ in m.named_parameters()}
+    assert d["0.weight"]["nan"] == 1 and math.isnan(d["0.weight"]["norm"])
+    assert math.isnan(d["0.weight"]["norm_inf"])
+    assert len(d["0.bias"]["histogram"]) == fastgrad.HistogramSpec().num_bins
+    assert d["0.bias"]["numel"] == 8
+    assert s.nonfinite_names() == ["0.weight"]
+    text = s.summary()
+    assert "total" in text and "2.1" in text
+
+
+def test_histogram_options():
+    x = make_tensor(1000, torch.float32, "wide")
+    s = fastgrad.grad_stats([x], histogram=(-4, 4))
+    assert s.histogram.shape == (1, 10) and s.hist_spec == fastgrad.HistogramSpec(-4, 4)
+    assert int(s.histogram.sum()) == 1000
+    assert fastgrad.grad_stats([x], histogram=False).histogram is None
+    with pytest.raises(TypeError, match="histogram"):
+        fastgrad.grad_stats([x], histogram="yes")
+
+
+def test_norm_not_requested_is_an_error():
+    s = fastgrad.grad_stats([torch.ones(3)])
+    with pytest.raises(ValueError, match="was not computed"):
+        s.norm(1)
+
+
+def test_empty_inputs():
+    s = fastgrad.grad_stats([])
+    assert s.total_norm.item() == 0.0 and s.names == ()
+    p = torch.nn.Parameter(torch.ones(3))
+    assert fastgrad.grad_stats([p]).total_norm.item() == 0.0  # grad None -> skipped
+    z = fastgrad.grad_stats([torch.empty(0), torch.empty(0, 5)])
+    assert z.tensor_norms.tolist() == [0.0, 0.0] and z.max_abs.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [([torch.ones(3, dtype=torch.int64)], TypeError, "non-floating"),
+     ([torch.ones(3, dtype=torch.complex64)], TypeError, "view_as_real"),
+     ([torch.ones(3).to_sparse()], RuntimeError, "to_dense"),
+     ([torch.ones(3), "x"], TypeError, "expected a Tensor"),
+     (42, TypeError, "iterable")],
+)
+def test_bad_gradients(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        fastgrad.grad_stats(bad)
+
+
+@pytest.mark.parametrize("nt, exc", [(0, ValueError), (-1, ValueError), (float("nan"), ValueError),
+                                     ("two", TypeError), ((), ValueError)])
+def test_bad_norm_types(nt, exc):
+    with pytest.raises(exc):
+        fastgrad.grad_stats([torch.ones(2)], norm_types=nt)
+
+
+def test_names_length_mismatch():
+    with pytest.raises(ValueError, match="names"):
+        fastgrad.grad_stats([torch.ones(2)], names=["a", "b"])
+
+
+def test_reference_norm_used_by_stats_is_the_definition():
+    x = make_tensor(5000, torch.bfloat16, "wide")
+    s = fastgrad.grad_stats([x], norm_types=(3,))
+    assert s.tensor_norms[0].item() == pytest.approx(tensor_norm_reference(x, 3.0).item(), rel=1e-12)
