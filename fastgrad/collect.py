@@ -18,7 +18,19 @@ class Collected(NamedTuple):
 def _is_param(t: torch.Tensor) -> bool:
     # A parameter (or any tensor that takes gradients) stands for its .grad;
     # anything else is taken to be a gradient itself, as torch's get_total_norm does.
-    return isinstance(t, torch.nn.Parameter) or t.requires_grad
+    # (isinstance against Parameter's metaclass costs ~200 ns: test the cheap things first.)
+    return t.requires_grad or (type(t) is not torch.Tensor and isinstance(t, torch.nn.Parameter))
+
+
+_index_names: list[str] = []
+_PLAIN = {torch.Tensor, torch.nn.Parameter}
+
+
+def index_names(n: int) -> list[str]:
+    """``["[0]", ..., "[n-1]"]``, built once and reused (names of unnamed tensors)."""
+    if len(_index_names) < n:
+        _index_names.extend(f"[{i}]" for i in range(len(_index_names), n))
+    return _index_names[:n]
 
 
 def collect(obj, names: Sequence[str] | None = None) -> Collected:
@@ -41,25 +53,33 @@ def collect(obj, names: Sequence[str] | None = None) -> Collected:
         names = list(names)
         if len(names) != len(items):
             raise ValueError(f"names has {len(names)} entries but {len(items)} tensors were given")
+    if names is None:
+        names = index_names(len(items))
+    if {type(t) for t in items} <= _PLAIN:  # fast path: tensors and parameters, no pairs
+        gs = [t.grad if t.requires_grad or type(t) is not torch.Tensor else t for t in items]
+        if any(g is None for g in gs):
+            keep = [i for i, g in enumerate(gs) if g is not None]
+            return Collected([names[i] for i in keep], [gs[i] for i in keep])
+        return Collected(list(names), gs)
     out_names: list[str] = []
     grads: list[torch.Tensor] = []
-    for i, item in enumerate(items):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            name, t = item
-        else:
-            name, t = (names[i] if names is not None else f"[{i}]"), item
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
-        g = t.grad if _is_param(t) else t
-        if g is None:
-            continue
-        out_names.append(name)
-        grads.append(g)
+    for name, item in zip(names, items):
+        if type(item) is tuple and len(item) == 2 and isinstance(item[0], str):
+            name, item = item
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"{name}: expected a Tensor, got {type(item).__name__}")
+        g = item.grad if _is_param(item) else item
+        if g is not None:
+            out_names.append(name)
+            grads.append(g)
     return Collected(out_names, grads)
 
 
 def check_grads(names: Sequence[str], grads: Sequence[torch.Tensor]) -> None:
     """Raise a clear error for gradients no backend can read; writes nothing."""
+    kinds = {(g.dtype, g.layout) for g in grads}
+    if all(dt in SUPPORTED_DTYPES and lay == torch.strided for dt, lay in kinds):
+        return
     for name, g in zip(names, grads):
         if g.layout != torch.strided:
             raise RuntimeError(

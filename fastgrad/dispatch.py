@@ -71,17 +71,24 @@ def choose(device: torch.device, dtype: torch.dtype, requested: str | None):
 
 
 def _route(tensors: Sequence[torch.Tensor], backend: str | None):
-    """``{(device, backend object): [indices]}`` in first-seen order."""
+    """``{(device, backend object): [indices] or None}`` in first-seen order (None = all tensors)."""
     req = requested_backend(backend)
+    keys = [(t.device, t.dtype) for t in tensors]
+    distinct = set(keys)
+    if len(distinct) == 1:
+        device, dtype = keys[0]
+        return {(device, choose(device, dtype, req)): None}
+    chosen = {k: choose(k[0], k[1], req) for k in distinct}
     routes: dict = {}
-    keys: dict = {}
-    for i, t in enumerate(tensors):
-        k = (t.device, t.dtype)
-        b = keys.get(k)
-        if b is None:
-            b = keys[k] = choose(t.device, t.dtype, req)
-        routes.setdefault((t.device, b), []).append(i)
+    for i, k in enumerate(keys):
+        routes.setdefault((k[0], chosen[k]), []).append(i)
+    if len(routes) == 1:
+        return {next(iter(routes)): None}
     return routes
+
+
+def _pick(tensors, idx):
+    return list(tensors) if idx is None else [tensors[i] for i in idx]
 
 
 def compute_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None) -> RawStats:
@@ -109,10 +116,10 @@ def compute_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str
 def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | None = None) -> None:
     """``x *= coef`` in place for every tensor; ``coef`` is a 0-d float tensor (never read on the host)."""
     for (device, b), idx in _route(tensors, backend).items():
-        b.scale_([tensors[i] for i in idx], coef.to(device, torch.float64))
+        b.scale_(_pick(tensors, idx), coef.to(device, torch.float64))
 
 
 def clamp_(tensors: Sequence[torch.Tensor], clip_value: float, backend: str | None = None) -> None:
     """``x = clamp(x, -clip_value, clip_value)`` in place for every tensor, in one pass."""
     for (_, b), idx in _route(tensors, backend).items():
-        b.clamp_([tensors[i] for i in idx], clip_value)
+        b.clamp_(_pick(tensors, idx), clip_value)

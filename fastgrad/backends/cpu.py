@@ -52,18 +52,20 @@ def _coalesced(t: torch.Tensor) -> tuple[list[int], list[int]]:
 
 def describe(tensors) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
     """The parallel arrays ``_C`` takes: pointers, dtype codes, numels, layout offsets, dims."""
-    ptrs, codes, numels, layout, dims = [], [], [], [], []
-    for t in tensors:
-        ptrs.append(t.data_ptr())
-        codes.append(DTYPE_CODES[t.dtype])
-        numels.append(t.numel())
-        if t.is_contiguous() or t.numel() <= 1 or _dense_in_some_order(t):
-            layout.append(-1)
-        else:
+    ptrs = [t.data_ptr() for t in tensors]
+    codes = [DTYPE_CODES[t.dtype] for t in tensors]
+    numels = [t.numel() for t in tensors]
+    layout = [-1 if t.is_contiguous() else -2 for t in tensors]
+    dims: list[int] = []
+    if -2 in layout:  # the rare views that need more than a pointer
+        for i, t in enumerate(tensors):
+            if layout[i] == -1 or t.numel() <= 1 or _dense_in_some_order(t):
+                layout[i] = -1
+                continue
             sizes, strides = _coalesced(t)
             if len(sizes) > 12:
                 raise RuntimeError(f"fastgrad cpu backend: a view with {len(sizes)} non-mergeable dims")
-            layout.append(len(dims))
+            layout[i] = len(dims)
             dims += [len(sizes), *sizes, *strides]
     return ptrs, codes, numels, layout, dims
 

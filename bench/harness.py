@@ -1,0 +1,56 @@
+"""The one timing harness of bench/: best-of-N wall time, bytes moved, bandwidth, ratios.
+
+Every script prints ms, GB/s, % of the copy/sum bandwidth measured in the
+same run, and the ratio to the torch baseline in the same run. CUDA work is
+synchronised around each timed call; CPU timings take the minimum over
+repetitions (the least disturbed run on a shared machine).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def timeit(fn: Callable[[], object], reps: int = 10, warmup: int = 2, max_seconds: float = 5.0,
+           device: str = "cpu") -> float:
+    """Best wall time of ``fn()`` in seconds over up to ``reps`` runs (fewer if slow)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    best, spent = float("inf"), 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+        if spent > max_seconds:
+            break
+    return best
+
+
+def nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def sum_bandwidth(device: str = "cpu", numel: int = 50_000_000) -> float:
+    """GB/s of ``x.sum()`` over a float32 tensor: the read-bandwidth yardstick of this run."""
+    x = torch.randn(numel, device=device)
+    t = timeit(lambda: x.sum(), reps=10, device=device)
+    return x.numel() * 4 / t / 1e9
+
+
+def table(rows: list[dict], columns: Sequence[str]) -> str:
+    """Markdown table of ``rows`` (dicts) in ``columns`` order."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
