@@ -156,8 +156,8 @@ class GradStats:
         bad = self.nonfinite_count.to("cpu").tolist()
         return [n for n, b in zip(self.names, bad) if b]
 
-    def summary(self, max_rows: int = 40) -> str:
-        """A text table: total, then groups (if any) else tensors, largest norm first (one sync)."""
+    def summary(self, max_rows: int = 40, sort_by_norm: bool = False) -> str:
+        """A text table: total, then groups (if any) else tensors, in order or largest norm first (one sync)."""
         rows = self.groups if self.groups is not None else self
         d_total = self.total.to_dict()["total"]
         d = rows.to_dict()
@@ -170,7 +170,9 @@ class GradStats:
             )
 
         lines.append(fmt("total", d_total))
-        order = sorted(d, key=lambda n: -d[n]["norm"] if not math.isnan(d[n]["norm"]) else -math.inf)
+        order = list(d)
+        if sort_by_norm:  # NaN first: it is what needs looking at
+            order.sort(key=lambda n: -d[n]["norm"] if not math.isnan(d[n]["norm"]) else -math.inf)
         for name in order[:max_rows]:
             lines.append(fmt(name, d[name]))
         if len(order) > max_rows:
