@@ -1,20 +1,30 @@
 """Extension build only (metadata lives in pyproject.toml).
 
-Builds fastgrad._C, the C++ CPU kernels, with pybind11 and OpenMP when the
-compiler supports it. csrc/ includes no torch header, so no torch is needed
-to build. If the compiler is missing or fails, the package still installs
-and falls back to the reference backend with a warning that says why.
+Builds, with no torch needed (csrc/ includes no torch header):
+  fastgrad._C     the C++ CPU kernels (pybind11, OpenMP when the compiler has it);
+  fastgrad._cuda  the CUDA kernels, compiled by nvcc, linked with the static
+                  CUDA runtime — when nvcc is found and a GPU is visible, or
+                  FASTGRAD_FORCE_CUDA=1 (builds without a GPU, as CI does).
+A failing optional build prints why and the package falls back at run time
+(CUDA -> Triton -> reference; C++ -> reference) with a warning naming the reason.
 
 Environment:
-  FASTGRAD_CPU_ARCH   value for -march (default "native"; "" to omit)
+  FASTGRAD_FORCE_CUDA    1: build the CUDA extension and fail loudly if it breaks; 0: never build it
+  TORCH_CUDA_ARCH_LIST   CUDA architectures, e.g. "8.0;9.0" (default) or "9.0a+PTX"
+  CUDA_HOME              where nvcc lives (default: the nvcc on PATH)
+  FASTGRAD_CPU_ARCH      value for -march (default "native"; "" to omit)
 """
 
 import os
+import shutil
+import subprocess
 import tempfile
 
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+
+CUDA_SOURCES = ["csrc/cuda/grad_stats_cuda.cu"]
 
 
 def _compiles(compiler, flags) -> bool:
@@ -29,34 +39,112 @@ def _compiles(compiler, flags) -> bool:
             return False
 
 
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cudart_dir(nvcc: str) -> str:
+    """The lib64 folder holding libcudart_static.a for this nvcc."""
+    roots = [os.environ.get("CUDA_HOME", ""), os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+             "/usr/local/cuda"]
+    for root in roots:
+        for lib in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            if root and os.path.exists(os.path.join(root, lib, "libcudart_static.a")):
+                return os.path.join(root, lib)
+    raise RuntimeError(f"libcudart_static.a not found near {nvcc}; set CUDA_HOME")
+
+
+def _gpu_visible() -> bool:
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")
+
+
+def _want_cuda() -> tuple[bool, str]:
+    force = os.environ.get("FASTGRAD_FORCE_CUDA")
+    if force == "0":
+        return False, "FASTGRAD_FORCE_CUDA=0"
+    if _nvcc() is None:
+        return False, "nvcc not found"
+    if force == "1" or _gpu_visible():
+        return True, ""
+    return False, "no GPU visible (set FASTGRAD_FORCE_CUDA=1 to build anyway)"
+
+
+def _gencode_flags() -> list[str]:
+    """nvcc -gencode flags from TORCH_CUDA_ARCH_LIST ("8.0;9.0", "9.0a+PTX", ...)."""
+    flags = []
+    for item in os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(",", ";").replace(" ", ";").split(";"):
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        num = item.removesuffix("+PTX").replace(".", "")
+        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+        if ptx:
+            flags += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
+    return flags
+
+
 class BuildExt(build_ext):
-    def build_extensions(self):
-        built = []
-        for ext in self.extensions:
-            flags = ["-O3", "-std=c++17", "-fno-math-errno"]
-            arch = os.environ.get("FASTGRAD_CPU_ARCH", "native")
-            if arch and _compiles(self.compiler, [f"-march={arch}"]):
-                flags.append(f"-march={arch}")
-            if _compiles(self.compiler, ["-fopenmp"]):
-                flags.append("-fopenmp")
-                ext.extra_link_args = [*ext.extra_link_args, "-fopenmp"]
-            ext.extra_compile_args = [*ext.extra_compile_args, *flags]
+    def build_extension(self, ext):
+        if ext.name == "fastgrad._cuda":
+            return self._build_cuda(ext)
+        flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+        arch = os.environ.get("FASTGRAD_CPU_ARCH", "native")
+        if arch and _compiles(self.compiler, [f"-march={arch}"]):
+            flags.append(f"-march={arch}")
+        if _compiles(self.compiler, ["-fopenmp"]):
+            flags.append("-fopenmp")
+            ext.extra_link_args = [*ext.extra_link_args, "-fopenmp"]
+        ext.extra_compile_args = [*ext.extra_compile_args, *flags]
         try:
-            super().build_extensions()
-            built.append("cpu (C++" + (", OpenMP" if "-fopenmp" in flags else "") + ")")
+            super().build_extension(ext)
+            self._built.append("cpu (C++" + (", OpenMP" if "-fopenmp" in flags else "") + ")")
         except Exception as e:  # noqa: BLE001 - any compiler failure means: fall back
             print(f"fastgrad: C++ CPU backend not built ({e}); the reference backend will be used")
-        print("fastgrad: built backends: " + (", ".join(built) or "none") + "; triton at run time if installed")
+
+    def _build_cuda(self, ext):
+        nvcc = _nvcc()
+        os.makedirs(self.build_temp, exist_ok=True)
+        objects = []
+        try:
+            for src in CUDA_SOURCES:
+                obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
+                cmd = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", *_gencode_flags(), "-c", src, "-o", obj]
+                print(" ".join(cmd))
+                subprocess.run(cmd, check=True)
+                objects.append(obj)
+            cuda_lib = _cudart_dir(nvcc)
+            ext.extra_objects = [*ext.extra_objects, *objects]
+            ext.library_dirs = [*ext.library_dirs, cuda_lib]
+            ext.libraries = [*ext.libraries, "cudart_static", "rt", "dl", "pthread"]
+            super().build_extension(ext)
+            self._built.append("cuda (" + " ".join(f for f in _gencode_flags() if f != "-gencode") + ")")
+        except Exception as e:  # noqa: BLE001
+            if os.environ.get("FASTGRAD_FORCE_CUDA") == "1":
+                raise
+            print(f"fastgrad: CUDA backend not built ({e}); Triton or the reference will serve CUDA tensors")
+
+    def build_extensions(self):
+        self._built = []
+        super().build_extensions()
+        print("fastgrad: built backends: " + (", ".join(self._built) or "none")
+              + "; triton at run time if installed")
 
 
-setup(
-    ext_modules=[
-        Pybind11Extension(
-            "fastgrad._C",
-            ["csrc/bindings.cpp", "csrc/cpu/grad_stats_cpu.cpp", "csrc/cpu/scale_cpu.cpp"],
-            include_dirs=["csrc"],
-            cxx_std=17,
-        )
-    ],
-    cmdclass={"build_ext": BuildExt},
-)
+ext_modules = [
+    Pybind11Extension(
+        "fastgrad._C",
+        ["csrc/bindings.cpp", "csrc/cpu/grad_stats_cpu.cpp", "csrc/cpu/scale_cpu.cpp"],
+        include_dirs=["csrc"],
+        cxx_std=17,
+    )
+]
+want_cuda, why_not_cuda = _want_cuda()
+if want_cuda:
+    ext_modules.append(Pybind11Extension("fastgrad._cuda", ["csrc/cuda/bindings_cuda.cpp"], cxx_std=17))
+else:
+    print(f"fastgrad: not building the CUDA backend: {why_not_cuda}")
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

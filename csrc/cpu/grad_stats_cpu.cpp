@@ -11,10 +11,11 @@
 //
 // Inside a chunk, blocks of kBlock elements are converted to float (or
 // double for float64 input) in an L1-resident buffer when they are not
-// already contiguous float, then one vectorised loop (omp simd) accumulates
-// sum|x| and sum x^2 in double, max|x|, and either the four counts or each
-// element's histogram slot; a scalar loop then bumps the slot counters,
-// spread over four sub-histograms to break store->load dependencies.
+// already contiguous float, then one vectorised loop accumulates sum|x| and
+// sum x^2 in double, max|x|, the zero count and, for the histogram, the
+// exponents that fall in a window of kWin adjacent exponents, as packed
+// counters in registers (see block_pass). The rare values outside the
+// window, NaN and Inf are counted by scalar code afterwards.
 //
 // Norm partials are pairs (s, m) meaning norm^p = m^p * s. The fast path
 // has m = 1 and s = sum |x|^p in double, which cannot overflow or underflow
@@ -36,62 +37,58 @@ namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;
 constexpr int64_t kBlock = 2048;
-constexpr int kNumCounts = 4;  // NAN, POSINF, NEGINF, ZERO: fastgrad/spec.py
-constexpr int kSubHists = 8;
+constexpr int kNumCounts = 4;                       // columns of the counts table before the bins:
+enum Count { kNan = 0, kPosInf, kNegInf, kZero };  // NAN, POSINF, NEGINF, ZERO in fastgrad/spec.py
 
-// Histogram slots used inside the kernel: [0, B) are the bins, then the four
-// special classes, so one table lookup also yields the counts.
-struct Bins {
-  int min_exp, num_bins;
-  int slot_zero() const { return num_bins; }
-  int slot_nan() const { return num_bins + 1; }
-  int slot_posinf() const { return num_bins + 2; }
-  int slot_neginf() const { return num_bins + 3; }
-  int num_slots() const { return num_bins + 4; }
-};
+// What the kernel counts are keys, not bins. A finite non-zero value with
+// e = floor(log2|v|) has key clamp(e + 127, 0, 255): for float that is just
+// the biased exponent field (0 for subnormals); float64 values beyond
+// float's exponent range land in key 0 or 255. Keys from kExpKeys on are the
+// special classes. A chunk's key counts become bins only at its end
+// (bin_of_key); that is exact because min_exp >= -126 and max_exp <= 128
+// (HistogramSpec) put every exponent that shares a key into one bin.
+constexpr int kExpKeys = 256;
+constexpr int kNumKeys = kExpKeys + kNumCounts;
+// The scalar pass rotates its increments over this many key tables, so that
+// runs of equal keys do not serialise on store->load forwarding.
+constexpr int kKeyTables = 4;
+
+inline int bin_of_key(int k, int min_exp, int num_bins) {
+  return std::min(std::max(k - 127 - min_exp + 1, 0), num_bins - 1);
+}
 
 template <typename T> struct FloatBits;
 template <> struct FloatBits<float> {
   using U = uint32_t;
-  using I = int32_t;
   static constexpr int kMantBits = 23, kExpMask = 0xff, kBias = 127;
 };
 template <> struct FloatBits<double> {
   using U = uint64_t;
-  using I = int64_t;
   static constexpr int kMantBits = 52, kExpMask = 0x7ff, kBias = 1023;
 };
 
-// The slot of one value: its bin by biased exponent, or a special class.
-// Branch-free so the enclosing loop vectorises.
+// The key of one value. Branch-free.
 template <typename T>
-inline int slot_of(T v, const Bins& b) {
+inline int key_of(T v) {
   using FB = FloatBits<T>;
   typename FB::U u;
   std::memcpy(&u, &v, sizeof(T));
-  const typename FB::I e = typename FB::I((u >> FB::kMantBits) & FB::kExpMask);
+  const int e = int((u >> FB::kMantBits) & FB::kExpMask);
   const bool mant = (u & ((typename FB::U(1) << FB::kMantBits) - 1)) != 0;
   const bool neg = (u >> (sizeof(T) * 8 - 1)) != 0;
-  typename FB::I bin = e - FB::kBias - b.min_exp + 1;  // floor(log2|v|) - min_exp + 1
-  bin = bin < 0 ? 0 : bin;
-  bin = bin > b.num_bins - 1 ? b.num_bins - 1 : bin;
-  // e == 0: zero, or a subnormal (below 2^-126 <= 2^min_exp, so the underflow bin).
-  const int low = mant ? 0 : b.slot_zero();
-  const int high = mant ? b.slot_nan() : (neg ? b.slot_neginf() : b.slot_posinf());
-  return e == 0 ? low : (e == FB::kExpMask ? high : int(bin));
+  const int k = std::min(std::max(e - FB::kBias + 127, 0), 255);
+  const int special = kExpKeys + (mant ? kNan : (neg ? kNegInf : kPosInf));
+  return e == FB::kExpMask ? special : (e == 0 && !mant ? kExpKeys + kZero : k);
 }
 
 struct BlockAcc {
   double s1 = 0, s2 = 0, maxabs = 0;
-  int64_t counts[kNumCounts] = {0, 0, 0, 0};
 };
 
 // One pass over n contiguous values, generic form: used for float64 input
-// and for the tails of float blocks.
-template <typename T, bool kHist>
-inline void block_pass_scalar(const T* __restrict x, int64_t n, BlockAcc& acc, const Bins& b,
-                              uint16_t* __restrict slots) {
-  const T inf = std::numeric_limits<T>::infinity();
+// and for the tails of float blocks. keys: kKeyTables tables of kNumKeys.
+template <typename T>
+inline void block_pass_scalar(const T* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys) {
   double s1 = 0, s2 = 0, mx = acc.maxabs;
   for (int64_t i = 0; i < n; ++i) {
     const T v = x[i];
@@ -99,14 +96,7 @@ inline void block_pass_scalar(const T* __restrict x, int64_t n, BlockAcc& acc, c
     s1 += a;
     s2 += a * a;
     mx = a > mx ? a : mx;  // NaN compares false: max over non-NaN values
-    if constexpr (kHist) {
-      slots[i] = uint16_t(slot_of(v, b));
-    } else {
-      acc.counts[0] += v != v;
-      acc.counts[1] += v == inf;
-      acc.counts[2] += v == -inf;
-      acc.counts[3] += v == T(0);
-    }
+    ++keys[(i % kKeyTables) * kNumKeys + key_of(v)];
   }
   acc.s1 += s1;
   acc.s2 += s2;
@@ -121,50 +111,90 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef double f64x8 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+// The histogram's vector counters: kWin adjacent exponents [base, base + kWin)
+// as 4-bit fields, eight per 32-bit lane (exponent base + 8j + f in field f
+// of counter j). A field gains at most 1 per 16 elements, so the counters
+// are emptied into 8-bit fields every kNibbleRun vectors (two byte counters
+// per nibble counter, even and odd fields), and those (at most kBlock / 16
+// = 128 per lane) are summed over the lanes once per block.
+constexpr int kWin = 16;
+constexpr int kNibbleCounters = kWin / 8;
+constexpr int kNibbleRun = 15;
+static_assert(kWin % 8 == 0 && kBlock / 16 <= 255, "counter fields would overflow");
+
+// Where the window sits only affects speed: values outside it are found by a
+// scalar scan of the block. It starts where the thread's previous chunk left
+// it and, after a block that had values outside it, moves to the kWin keys
+// with the most counts so far in the chunk.
+struct Window {
+  int base = 127 - kWin / 2;  // around 1.0 until some data has been seen
+  void refit(const uint32_t* keys) {
+    // Candidates [b, b + kWin) within the finite normal-float keys [1, 254].
+    uint64_t best = 0;
+    for (int k = base; k < base + kWin; ++k) best += keys[k];
+    uint64_t cur = 0;
+    for (int k = 1; k < 1 + kWin; ++k) cur += keys[k];
+    for (int b = 1;; ++b) {
+      if (cur > best) {
+        best = cur;
+        base = b;
+      }
+      if (b + kWin > 254) break;
+      cur += keys[b + kWin];
+      cur -= keys[b];
+    }
+  }
+};
+
+inline uint32_t lane_sum(u32x16 v) {
+  uint32_t s = 0;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  return s;
+}
 
 template <bool kHist>
-inline void block_pass(const float* __restrict x, int64_t n, BlockAcc& acc, const Bins& b,
-                       uint16_t* __restrict slots) {
+inline void block_pass(const float* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys,
+                       Window& win) {
+  const int64_t nv = n & ~int64_t(15);
   f64x8 s1a = {}, s1b = {}, s2a = {}, s2b = {};
   f32x16 mx = {};
-  i32x16 c_nan = {}, c_pinf = {}, c_ninf = {}, c_zero = {};  // n <= kBlock: int32 is enough
-  const int32_t bias = 127 + b.min_exp - 1;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    u32x16 u;
-    std::memcpy(&u, x + i, sizeof(u));
-    const u32x16 au = u & 0x7fffffffu;
-    f32x16 a;
-    std::memcpy(&a, &au, sizeof(a));
-    const f64x8 lo = __builtin_convertvector(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), f64x8);
-    const f64x8 hi =
-        __builtin_convertvector(__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15), f64x8);
-    s1a += lo;
-    s1b += hi;
-    s2a += lo * lo;
-    s2b += hi * hi;
-    mx = a > mx ? a : mx;  // NaN compares false: max over non-NaN values
-    const i32x16 e = (i32x16)((u >> 23) & 0xffu);
-    const i32x16 mant = (i32x16)((u & 0x7fffffu) != 0u);  // -1 / 0 masks
-    const i32x16 is_zero = (e == 0) & ~mant;
-    const i32x16 is_inf = (e == 0xff) & ~mant;
-    const i32x16 is_nan = (e == 0xff) & mant;
-    const i32x16 neg = (i32x16)(u >> 31) != 0;
+  i32x16 c_zero = {};  // n <= kBlock: int32 is enough
+  u32x16 bytes[2 * kNibbleCounters] = {};
+  const int32_t base4 = 4 * win.base;
+  const u32x16 one = u32x16{} + 1u;
+  for (int64_t i = 0; i < nv;) {
+    u32x16 nib[kNibbleCounters] = {};
+    const int64_t run_end = std::min(nv, i + 16 * kNibbleRun);
+    for (; i < run_end; i += 16) {
+      u32x16 u;
+      std::memcpy(&u, x + i, sizeof(u));
+      const u32x16 au = u & 0x7fffffffu;
+      f32x16 a;
+      std::memcpy(&a, &au, sizeof(a));
+      const f64x8 lo = __builtin_convertvector(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), f64x8);
+      const f64x8 hi =
+          __builtin_convertvector(__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15), f64x8);
+      s1a += lo;
+      s1b += hi;
+      s2a += lo * lo;
+      s2b += hi * hi;
+      mx = a > mx ? a : mx;  // NaN compares false: max over non-NaN values
+      c_zero -= au == 0u;
+      if constexpr (kHist) {
+        // d4 = 4 * (exponent - base): field (d4 & 31) / 4 of counter d4 / 32,
+        // which is none of them outside the window (also for zeros, NaN, Inf).
+        const i32x16 d4 = (i32x16)((au >> 21) & 0x3fcu) - base4;
+        const u32x16 bit = one << (u32x16)(d4 & 28);
+        const i32x16 j = d4 >> 5;
+        for (int c = 0; c < kNibbleCounters; ++c) nib[c] += j == c ? bit : 0u;
+      }
+    }
     if constexpr (kHist) {
-      i32x16 bin = e - bias;
-      bin = bin < 0 ? 0 : bin;
-      bin = bin > b.num_bins - 1 ? b.num_bins - 1 : bin;
-      i32x16 slot = is_nan ? b.slot_nan() : bin;
-      slot = is_inf ? (neg ? b.slot_neginf() : b.slot_posinf()) : slot;
-      slot = is_zero ? b.slot_zero() : slot;
-      const u16x16 s16 = __builtin_convertvector(slot, u16x16);
-      std::memcpy(slots + i, &s16, sizeof(s16));
-    } else {
-      c_nan -= is_nan;
-      c_pinf -= is_inf & ~neg;
-      c_ninf -= is_inf & neg;
-      c_zero -= is_zero;
+      for (int c = 0; c < kNibbleCounters; ++c) {
+        bytes[2 * c] += nib[c] & 0x0f0f0f0fu;
+        bytes[2 * c + 1] += (nib[c] >> 4) & 0x0f0f0f0fu;
+      }
     }
   }
   double s1 = 0, s2 = 0, m = acc.maxabs;
@@ -172,32 +202,59 @@ inline void block_pass(const float* __restrict x, int64_t n, BlockAcc& acc, cons
     s1 += s1a[l] + s1b[l];
     s2 += s2a[l] + s2b[l];
   }
+  int64_t zeros = 0;
   for (int l = 0; l < 16; ++l) {
     m = std::max(m, double(mx[l]));
-    acc.counts[0] += c_nan[l];
-    acc.counts[1] += c_pinf[l];
-    acc.counts[2] += c_ninf[l];
-    acc.counts[3] += c_zero[l];
+    zeros += c_zero[l];
+  }
+  keys[kExpKeys + kZero] += uint32_t(zeros);
+  // Finite floats cannot overflow a double sum: a NaN or Inf shows in s1.
+  int64_t nonfinite = 0;
+  if (!std::isfinite(s1)) {
+    for (int64_t i = 0; i < nv; ++i) {
+      const int k = key_of(x[i]);
+      if (k >= kExpKeys && k != kExpKeys + kZero) {
+        ++keys[k];
+        ++nonfinite;
+      }
+    }
+  }
+  if constexpr (kHist) {
+    int64_t in_window = 0;
+    for (int b = 0; b < 2 * kNibbleCounters; ++b) {
+      // Byte f of bytes[b] holds exponent base + 8 (b / 2) + 2 f + b % 2.
+      const uint32_t even = lane_sum(bytes[b] & 0x00ff00ffu);  // bytes 0, 2 in 16-bit halves
+      const uint32_t odd = lane_sum((bytes[b] >> 8) & 0x00ff00ffu);  // bytes 1, 3
+      uint32_t* k = keys + win.base + 8 * (b / 2) + b % 2;
+      k[0] += even & 0xffffu;
+      k[4] += even >> 16;
+      k[2] += odd & 0xffffu;
+      k[6] += odd >> 16;
+      in_window += (even & 0xffffu) + (even >> 16) + (odd & 0xffffu) + (odd >> 16);
+    }
+    int64_t missed = nv - zeros - nonfinite - in_window;
+    if (missed > 0) {
+      // Stops at the last missed value.
+      for (int64_t i = 0; missed > 0; ++i) {
+        const uint32_t au = float_to_bits(x[i]) & 0x7fffffffu, e = au >> 23;
+        if (au != 0 && e != 255 && e - uint32_t(win.base) >= uint32_t(kWin)) {
+          ++keys[e];
+          --missed;
+        }
+      }
+      win.refit(keys);
+    }
   }
   acc.s1 += s1;
   acc.s2 += s2;
   acc.maxabs = m;
-  block_pass_scalar<float, kHist>(x + i, n - i, acc, b, kHist ? slots + i : nullptr);
+  block_pass_scalar<float>(x + nv, n - nv, acc, keys);
 }
 
 template <bool kHist>
-inline void block_pass(const double* __restrict x, int64_t n, BlockAcc& acc, const Bins& b,
-                       uint16_t* __restrict slots) {
-  block_pass_scalar<double, kHist>(x, n, acc, b, slots);
-}
-
-inline void bump_slots(const uint16_t* slots, int64_t n, uint32_t* hist, int stride) {
-  int64_t i = 0;
-  for (; i + kSubHists <= n; i += kSubHists) {
-#pragma GCC unroll 8
-    for (int h = 0; h < kSubHists; ++h) ++hist[h * stride + slots[i + h]];
-  }
-  for (; i < n; ++i) ++hist[slots[i]];
+inline void block_pass(const double* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys,
+                       Window&) {
+  block_pass_scalar<double>(x, n, acc, keys);
 }
 
 // Loads n logical elements starting at element offset `off` (element stride
@@ -268,7 +325,7 @@ NormPair scaled_pass(const TensorDesc& d, int64_t begin, int64_t end, double p, 
 struct Job {
   const std::vector<TensorDesc>* descs;
   const std::vector<double>* ps;
-  Bins bins;
+  int min_exp, num_bins;
   bool hist;
   int ncounts;  // columns of the counts table
   int nnorm;    // partial doubles per item: 2 per p, then maxabs
@@ -284,39 +341,25 @@ template <typename C>
 void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart) {
   const TensorDesc& d = (*job.descs)[it.tensor];
   alignas(64) C buf[kBlock];
-  alignas(64) uint16_t slots[kBlock];
+  alignas(64) uint32_t keys[kKeyTables * kNumKeys] = {};
   BlockAcc acc;
-  const int stride = job.bins.num_slots();
-  static thread_local std::vector<uint32_t> sub;  // kSubHists sub-histograms of slot counters
-  if (job.hist) sub.assign(size_t(kSubHists) * stride, 0u);
+  static thread_local Window win;
 
   for_each_block<C>(d, it.begin, it.end, buf, [&](const C* x, int64_t n) {
-    if (job.hist) {
-      block_pass<true>(x, n, acc, job.bins, slots);
-      bump_slots(slots, n, sub.data(), stride);
-    } else {
-      block_pass<false>(x, n, acc, job.bins, nullptr);
-    }
+    if (job.hist) block_pass<true>(x, n, acc, keys, win);
+    else block_pass<false>(x, n, acc, keys, win);
   });
 
   for (int c = 0; c < job.ncounts; ++c) cpart[c] = 0;
-  if (job.hist) {
-    const Bins& b = job.bins;
-    for (int sidx = 0; sidx < stride; ++sidx) {
-      int64_t total = 0;
-      for (int h = 0; h < kSubHists; ++h) total += sub[size_t(h) * stride + sidx];
-      if (sidx < b.num_bins) cpart[kNumCounts + sidx] = total;
-      else if (sidx == b.slot_nan()) cpart[0] = total;
-      else if (sidx == b.slot_posinf()) cpart[1] = total;
-      else if (sidx == b.slot_neginf()) cpart[2] = total;
-      else cpart[3] = total;
-    }
-  } else {
-    for (int c = 0; c < kNumCounts; ++c) cpart[c] = acc.counts[c];
+  for (int k = 0; k < kNumKeys; ++k) {
+    int64_t total = 0;
+    for (int t = 0; t < kKeyTables; ++t) total += keys[t * kNumKeys + k];
+    if (k >= kExpKeys) cpart[k - kExpKeys] = total;
+    else if (job.hist) cpart[kNumCounts + bin_of_key(k, job.min_exp, job.num_bins)] += total;
   }
 
-  const bool has_nan = cpart[0] > 0;
-  const bool has_inf = cpart[1] + cpart[2] > 0;
+  const bool has_nan = cpart[kNan] > 0;
+  const bool has_inf = cpart[kPosInf] + cpart[kNegInf] > 0;
   const bool special = has_nan || has_inf || acc.maxabs == 0;
   const std::vector<double>& ps = *job.ps;
   for (size_t j = 0; j < ps.size(); ++j) {
@@ -397,8 +440,8 @@ std::vector<TensorDesc> make_descs(const std::vector<int64_t>& ptrs, const std::
 void grad_stats_cpu(const std::vector<TensorDesc>& descs, const std::vector<double>& ps, bool hist,
                     int min_exp, int max_exp, double* out_floats, int64_t* out_counts, int num_threads) {
   const int64_t T = int64_t(descs.size());
-  Job job{&descs, &ps, Bins{min_exp, max_exp - min_exp + 2}, hist, 0, 0};
-  job.ncounts = kNumCounts + (hist ? job.bins.num_bins : 0);
+  Job job{&descs, &ps, min_exp, max_exp - min_exp + 2, hist, 0, 0};
+  job.ncounts = kNumCounts + (hist ? job.num_bins : 0);
   job.nnorm = int(2 * ps.size() + 1);
 
   std::vector<Item> items;

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..spec import RawStats, StatsSpec
+from ._layout import coalesced, dense_in_some_order
 
 try:
     from .. import _C
@@ -24,32 +25,6 @@ except ImportError as e:  # compiler missing at install time, or a broken build
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
-def _dense_in_some_order(t: torch.Tensor) -> bool:
-    """True if the elements of ``t`` exactly fill ``numel`` consecutive slots of memory."""
-    expected = 1
-    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride()) if s != 1))
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _coalesced(t: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Sizes and strides of ``t`` with size-1 dims dropped and mergeable neighbours merged."""
-    sizes, strides = [], []
-    for s, st in zip(t.shape, t.stride()):
-        if s == 1:
-            continue
-        if sizes and strides[-1] == st * s:
-            sizes[-1] *= s
-            strides[-1] = st
-        else:
-            sizes.append(s)
-            strides.append(st)
-    return sizes or [1], strides or [1]
-
-
 def describe(tensors) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
     """The parallel arrays ``_C`` takes: pointers, dtype codes, numels, layout offsets, dims."""
     ptrs = [t.data_ptr() for t in tensors]
@@ -59,10 +34,10 @@ def describe(tensors) -> tuple[list[int], list[int], list[int], list[int], list[
     dims: list[int] = []
     if -2 in layout:  # the rare views that need more than a pointer
         for i, t in enumerate(tensors):
-            if layout[i] == -1 or t.numel() <= 1 or _dense_in_some_order(t):
+            if layout[i] == -1 or t.numel() <= 1 or dense_in_some_order(t):
                 layout[i] = -1
                 continue
-            sizes, strides = _coalesced(t)
+            sizes, strides = coalesced(t)
             if len(sizes) > 12:
                 raise RuntimeError(f"fastgrad cpu backend: a view with {len(sizes)} non-mergeable dims")
             layout[i] = len(dims)

@@ -1,0 +1,656 @@
+"""Triton kernels of the ``triton`` backend: fused statistics, scale and clamp.
+
+Definitions of every statistic: :mod:`fastgrad.reference`; table layout:
+:mod:`fastgrad.spec`. This module holds the ``@triton.jit`` kernels and the
+launchers that plan, allocate and pick block sizes.
+
+Work split and grid
+-------------------
+Every tensor is cut into chunks of ``CHUNK`` elements that never cross a
+tensor boundary. A *plan* lists the chunks of a parameter set as device
+tables, grouped by dtype: ``chunk_row[w]`` (the tensor's row, i.e. its
+position in the call) and ``chunk_start[w]`` (the chunk's first element).
+Plans are cached on ``(device, CHUNK, ((numel, dtype), ...))``, so a
+steady-state step only gathers data pointers into an int64 table, and even
+that upload is skipped while the pointers are the ones seen last time.
+
+Kernels address many tensors through that table: program ``w`` loads
+``ptr_table[chunk_row[w]]`` and casts it to a typed pointer. Under
+``TRITON_INTERPRET=1`` the interpreter dereferences such raw addresses on
+the host, which is why CPU tensors work there (and CUDA tensors must not be
+sent to an interpreted kernel).
+
+Statistics take ``G + 1`` launches for the ``G`` dtypes present:
+
+1. ``_stats_chunk_kernel``, once per dtype, grid ``(chunks of that dtype,)``:
+   program ``w`` reads its chunk once, ``BLOCK`` elements at a time (loads
+   upcast to float64; half types go through float32, which is exact), and
+   writes its partials to its own rows ``fpart[w]`` and ``cpart[w]``.
+2. ``_stats_reduce_kernel``, grid ``(T,)``: program ``t`` folds the partial
+   rows of tensor ``t``'s chunks in chunk order and writes output row ``t``.
+
+No floating-point atomics and no reduction order that depends on
+scheduling, so results are bitwise reproducible run to run.
+
+Norm math
+---------
+A chunk's partial for exponent ``p`` is a pair ``(s, k)`` meaning
+``norm^p = 2^(p k) * s`` with ``s = sum_i (|x_i| 2^-k)^p`` in float64 over the
+finite elements (NaN/Inf are left out; the counts override the result).
+
+* Fast path: float32/16/bf16 input and every ``p <= 4``. Then ``k = 0``: the
+  float64 sum of ``|x|^p`` with ``|x| <= 3.4e38`` cannot overflow, and
+  subnormal floats raised to ``p <= 4`` stay normal doubles. ``p = 1, 2``
+  cost one multiply; other ``p`` use ``exp2(p log2 |x|)``.
+* Scaled path (float64 input, or some ``p > 4``): ``k`` is a running
+  exponent with ``max|x| < 2^k``; when a block raises it, the accumulators
+  are multiplied by ``2^(p (k_old - k_new))``. One read, no overflow.
+
+Per tensor: ``K = max_c k_c`` over chunks with ``s_c > 0``,
+``S = sum_c s_c 2^(p (k_c - K))``, ``norm = 2^(K + log2(S) / p)`` (0 if no
+chunk has ``s_c > 0``), then NaN if the tensor holds a NaN, else +Inf if
+it holds an Inf. ``max|x|`` is the max over non-NaN values.
+
+Counts and histogram
+--------------------
+Each element gets a *slot* from its float bits (float32 bits for the half
+types, after the exact upcast; float64 bits for float64): slots 0..3 are
+NaN, +Inf, -Inf, zero, the count columns of the output; slot ``4 + b`` is
+histogram bin ``b`` with ``b = clamp(unbiased_exponent - min_exp + 1, 0,
+B - 1)`` and subnormals in bin 0. So a slot is directly an output column.
+``tl.histogram`` counts a block's slots; each chunk stores its int32
+counters, and the reduce stage sums them per tensor in int64.
+
+Memory layouts the kernels assume
+---------------------------------
+Tensors whose elements fill one dense block of memory in some dimension
+order (contiguous, transposed, channels-last, ``x[1:]``) are read flat from
+``data_ptr()``: statistics do not depend on element order. Genuinely
+strided views (``x[:, ::2]``, expanded tensors) are staged through a
+``.contiguous()`` copy: statistics read the copy; ``scale_``/``clamp_`` work
+on the copy and write it back with ``Tensor.copy_`` (so for such a view,
+``scale_`` with ``coef == 1`` rewrites identical bits rather than writing
+nothing). Gradients are dense in practice, so this path is rare.
+
+Elementwise ops
+---------------
+``scale_`` (``x *= coef``) and ``clamp_`` run one read+write pass per dtype
+over the same chunks. ``coef`` stays on the device: each program loads it
+and returns before touching memory when it is 1. Half types compute in
+float32 and round once; float32 uses ``float(coef)``, as torch does.
+Clamp bounds travel as float64 bit patterns at the end of the pointer
+table, since Triton would pass a Python float as float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from .spec import NUM_COUNTS, RawStats, StatsSpec
+
+CHUNK = 1 << 16
+# A GPU program streams its chunk through registers BLOCK elements at a time;
+# the interpreter pays per operation, not per element, so it takes whole chunks.
+GPU_BLOCK = 2048
+# p <= FAST_MAX_P: float64 holds sum |x|^p of float32/16/bf16 input unscaled.
+FAST_MAX_P = 4.0
+
+# Spec constants as Triton constexprs: jitted code may only read constexpr globals.
+_NCOUNTS = tl.constexpr(NUM_COUNTS)
+
+TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+
+
+# --------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _to_f32(raw, DTYPE: tl.constexpr):
+    """Exact upcast of a loaded value to float32."""
+    if DTYPE == tl.bfloat16:
+        # bfloat16 is the top half of a float32. Done on the bits because the
+        # interpreter's bfloat16 -> float32 conversion loses subnormals.
+        return (raw.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return raw.to(tl.float32)
+
+
+@triton.jit
+def _stats_chunk_kernel(
+    ptr_table,  # int64 [T]: data pointers, by output row
+    numels,  # int64 [T]
+    chunk_row,  # int32 [W]: this launch's chunks
+    chunk_start,  # int64 [W]
+    ps,  # float64 [NPP]: the finite p (padded)
+    fpart,  # float64 [W, NPP + 2]: s_j..., k, max|x|
+    cpart,  # int32 [W, NSLOTS]: slot counters
+    DTYPE: tl.constexpr,
+    IS_F64: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NPP: tl.constexpr,
+    SCALED: tl.constexpr,
+    GENERIC_P: tl.constexpr,
+    HIST: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    NBINS: tl.constexpr,
+    NSLOTS: tl.constexpr,
+):
+    w = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunk_row + w)
+    start = tl.load(chunk_start + w)
+    n = tl.minimum(tl.load(numels + row) - start, CHUNK)
+    base = tl.load(ptr_table + row).to(tl.pointer_type(DTYPE)) + start
+    p = tl.load(ps + tl.arange(0, NPP))[:, None]
+    lanes = tl.arange(0, BLOCK)
+
+    acc = tl.zeros([NPP, BLOCK], dtype=tl.float64)
+    mx = tl.zeros([BLOCK], dtype=tl.float64)
+    hist = tl.zeros([NSLOTS], dtype=tl.int32)
+    # Running scale exponent of the scaled path: every |x| seen is < 2^k.
+    # -1022 makes 2^-k a normal double from the start.
+    k = tl.zeros([], dtype=tl.int32) - 1022
+
+    for i in range(0, n, BLOCK):
+        m = i + lanes < n
+        raw = tl.load(base + i + lanes, mask=m, other=0.0)
+        if IS_F64:
+            x = raw
+            bits = x.to(tl.int64, bitcast=True)
+            e = ((bits >> 52) & 0x7FF).to(tl.int32)
+            mant = (bits & 0xFFFFFFFFFFFFF) != 0
+            EMAX: tl.constexpr = 0x7FF
+            BIAS: tl.constexpr = 1023
+        else:
+            xf = _to_f32(raw, DTYPE)
+            x = xf.to(tl.float64)
+            bits = xf.to(tl.int32, bitcast=True)
+            e = (bits >> 23) & 0xFF
+            mant = (bits & 0x7FFFFF) != 0
+            EMAX: tl.constexpr = 0xFF
+            BIAS: tl.constexpr = 127
+        neg = bits < 0
+
+        a = tl.abs(x)
+        is_nan = (e == EMAX) & mant
+        finite = e != EMAX
+        mx = tl.maximum(mx, tl.where(is_nan, 0.0, a))
+        a_fin = tl.where(finite, a, 0.0)
+
+        if SCALED:
+            bm = tl.max(a_fin, axis=0)
+            kb = ((bm.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1022
+            k_new = tl.maximum(k, kb)
+            acc = acc * tl.exp2(p * (k - k_new).to(tl.float64))
+            k = k_new
+            b = (a_fin * tl.exp2(-k.to(tl.float64)))[None, :]
+        else:
+            b = a_fin[None, :]
+        if GENERIC_P:
+            pos = b > 0
+            powp = tl.where(pos, tl.exp2(p * tl.log2(tl.where(pos, b, 1.0))), 0.0)
+            acc += tl.where(p == 2.0, b * b, tl.where(p == 1.0, b, powp))
+        else:
+            acc += tl.where(p == 2.0, b * b, b)
+
+        # Slot = output column: 0 NaN, 1 +Inf, 2 -Inf, 3 zero, 4 + histogram bin.
+        special = tl.where(mant, 0, tl.where(neg, 2, 1))
+        low = tl.where(mant, _NCOUNTS, 3)  # e == 0: subnormal -> underflow bin
+        binned = _NCOUNTS + tl.minimum(tl.maximum(e - (BIAS + MIN_EXP - 1), 0), NBINS - 1)
+        slot = tl.where(e == EMAX, special, tl.where(e == 0, low, binned))
+        if HIST:
+            counted = m
+        else:
+            counted = m & (slot < _NCOUNTS)
+        # Uncounted lanes go to the last slot, past every output column: no
+        # reliance on tl.histogram's mask argument (newer Triton only).
+        hist += tl.histogram(tl.where(counted, slot, NSLOTS - 1), NSLOTS)
+
+    frow = fpart + w * (NPP + 2)
+    tl.store(frow + tl.arange(0, NPP), tl.sum(acc, axis=1))
+    if SCALED:
+        tl.store(frow + NPP, k.to(tl.float64))
+    else:
+        tl.store(frow + NPP, 0.0)
+    tl.store(frow + NPP + 1, tl.max(mx, axis=0))
+    tl.store(cpart + w * NSLOTS + tl.arange(0, NSLOTS), hist)
+
+
+@triton.jit
+def _stats_reduce_kernel(
+    chunk_range,  # int64 [T, 2]: first and past-the-end partial row of tensor t
+    ps,  # float64 [NPP]
+    fpart,  # float64 [W, NPP + 2]
+    cpart,  # int32 [W, NSLOTS]
+    floats,  # float64 [T, NP + 1]
+    counts,  # int64 [T, NC]
+    NP: tl.constexpr,
+    NPP: tl.constexpr,
+    NC: tl.constexpr,
+    NSLOTS: tl.constexpr,
+    BW: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    c0 = tl.load(chunk_range + 2 * t)
+    c1 = tl.load(chunk_range + 2 * t + 1)
+    rows = tl.arange(0, BW)
+    slots = tl.arange(0, NSLOTS)
+    j = tl.arange(0, NPP)
+    FW: tl.constexpr = NPP + 2
+
+    cnt = tl.zeros([NSLOTS], dtype=tl.int64)
+    for c in range(c0, c1, BW):
+        r = c + rows
+        tile = tl.load(cpart + r[:, None] * NSLOTS + slots[None, :], mask=(r < c1)[:, None], other=0)
+        cnt += tl.sum(tile.to(tl.int64), axis=0)
+    tl.store(counts + t * NC + slots, cnt, mask=slots < NC)
+    n_nan = tl.sum(tl.where(slots == 0, cnt, 0), axis=0)
+    n_inf = tl.sum(tl.where((slots == 1) | (slots == 2), cnt, 0), axis=0)
+
+    # Two passes over the (small) partials: the common exponent K first, so
+    # that the sum below never overflows.
+    K = tl.full([NPP], float("-inf"), dtype=tl.float64)
+    mx = tl.zeros([BW], dtype=tl.float64)
+    for c in range(c0, c1, BW):
+        r = c + rows
+        rm = r < c1
+        s = tl.load(fpart + r[:, None] * FW + j[None, :], mask=rm[:, None], other=0.0)
+        kc = tl.load(fpart + r * FW + NPP, mask=rm, other=0.0)
+        K = tl.maximum(K, tl.max(tl.where(s > 0, kc[:, None], float("-inf")), axis=0))
+        mx = tl.maximum(mx, tl.load(fpart + r * FW + NPP + 1, mask=rm, other=0.0))
+    p = tl.load(ps + j)
+    K = tl.where(K > float("-inf"), K, 0.0)
+    S = tl.zeros([NPP], dtype=tl.float64)
+    for c in range(c0, c1, BW):
+        r = c + rows
+        rm = r < c1
+        s = tl.load(fpart + r[:, None] * FW + j[None, :], mask=rm[:, None], other=0.0)
+        kc = tl.load(fpart + r * FW + NPP, mask=rm, other=0.0)
+        rel = tl.minimum(kc[:, None] - K[None, :], 0.0)  # <= 0 wherever s > 0
+        S += tl.sum(tl.where(s > 0, s * tl.exp2(p[None, :] * rel), 0.0), axis=0)
+
+    norm = tl.exp2(K + tl.log2(tl.where(S > 0, S, 1.0)) / p)
+    norm = tl.where(S > 0, norm, 0.0)
+    norm = tl.where(n_inf > 0, float("inf"), norm)
+    norm = tl.where(n_nan > 0, float("nan"), norm)
+    frow = floats + t * (NP + 1)
+    tl.store(frow + j, norm, mask=j < NP)
+    tl.store(frow + NP, tl.max(mx, axis=0))
+
+
+@triton.jit
+def _round_to(v, DTYPE: tl.constexpr):
+    """float32 ``v`` rounded to nearest-even ``DTYPE``, done with integer ops for bfloat16."""
+    if DTYPE == tl.bfloat16:
+        # The interpreter truncates float32 -> bfloat16; these bit operations
+        # round to nearest even everywhere (NaN kept quiet, never turned to Inf).
+        bits = v.to(tl.int32, bitcast=True)
+        r = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        r = tl.where(v != v, (bits >> 16) | 0x40, r)
+        return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(DTYPE)
+
+
+@triton.jit
+def _scale_kernel(
+    ptr_table,
+    numels,
+    chunk_row,
+    chunk_start,
+    coef_ptr,  # float64 0-d, on the device
+    DTYPE: tl.constexpr,
+    IS_F64: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    coef = tl.load(coef_ptr)
+    # Decided here, on the device: coef == 1 must write nothing, and reading
+    # it on the host would synchronise.
+    if coef != 1.0:
+        w = tl.program_id(0).to(tl.int64)
+        row = tl.load(chunk_row + w)
+        start = tl.load(chunk_start + w)
+        n = tl.minimum(tl.load(numels + row) - start, CHUNK)
+        base = tl.load(ptr_table + row).to(tl.pointer_type(DTYPE)) + start
+        lanes = tl.arange(0, BLOCK)
+        cf = coef.to(tl.float32)
+        for i in range(0, n, BLOCK):
+            m = i + lanes < n
+            x = tl.load(base + i + lanes, mask=m)
+            if IS_F64:
+                y = x * coef
+            else:
+                y = _round_to(_to_f32(x, DTYPE) * cf, DTYPE)
+            tl.store(base + i + lanes, y, mask=m)
+
+
+@triton.jit
+def _clamp_kernel(
+    ptr_table,  # int64 [T + 2]: pointers, then the bits of lo and hi as float64
+    numels,
+    chunk_row,
+    chunk_start,
+    bounds_at,
+    DTYPE: tl.constexpr,
+    IS_F64: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    w = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunk_row + w)
+    start = tl.load(chunk_start + w)
+    n = tl.minimum(tl.load(numels + row) - start, CHUNK)
+    base = tl.load(ptr_table + row).to(tl.pointer_type(DTYPE)) + start
+    lo = tl.load(ptr_table + bounds_at).to(tl.float64, bitcast=True)
+    hi = tl.load(ptr_table + bounds_at + 1).to(tl.float64, bitcast=True)
+    lanes = tl.arange(0, BLOCK)
+    for i in range(0, n, BLOCK):
+        m = i + lanes < n
+        x = tl.load(base + i + lanes, mask=m)
+        if IS_F64:
+            v = x
+            lo_v = lo
+            hi_v = hi
+        else:
+            v = _to_f32(x, DTYPE)
+            lo_v = lo.to(tl.float32)
+            hi_v = hi.to(tl.float32)
+        # min(max(x, lo), hi) as torch.clamp: comparisons with NaN are false,
+        # so NaN passes through, and lo > hi gives hi.
+        v = tl.where(v < lo_v, lo_v, v)
+        v = tl.where(v > hi_v, hi_v, v)
+        tl.store(base + i + lanes, _round_to(v, DTYPE), mask=m)
+
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
+
+    INTERPRETED = isinstance(_stats_chunk_kernel, _Interpreted)
+except ImportError:  # a Triton without the interpreter
+    INTERPRETED = False
+"""True when the kernels were built by the interpreter (TRITON_INTERPRET=1 at import): CPU only."""
+
+
+# --------------------------------------------------------------------------
+# planning
+# --------------------------------------------------------------------------
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def flat_readable(t: torch.Tensor) -> bool:
+    """True if ``t``'s elements fill ``numel`` consecutive slots from ``data_ptr()`` on."""
+    if t.is_contiguous() or t.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class _Group:
+    """The chunks of one dtype: rows ``[w0, w1)`` of the partial tables."""
+
+    __slots__ = ("dtype", "rows", "w0", "w1", "chunk_row", "chunk_start", "block")
+
+    def __init__(self, dtype, rows, w0, w1, chunk_row, chunk_start, block):
+        self.dtype, self.rows, self.w0, self.w1 = dtype, rows, w0, w1
+        self.chunk_row, self.chunk_start, self.block = chunk_row, chunk_start, block
+
+
+class _Plan:
+    __slots__ = ("groups", "numels", "chunk_range", "num_chunks", "tables")
+
+    def __init__(self, groups, numels, chunk_range, num_chunks):
+        self.groups, self.numels = groups, numels
+        self.chunk_range, self.num_chunks = chunk_range, num_chunks
+        self.tables: OrderedDict = OrderedDict()  # pointer tuple -> device int64 table
+
+
+_PLANS: OrderedDict = OrderedDict()
+_MAX_PLANS = 32
+_MAX_TABLES = 4
+
+
+def _plan(tensors, device: torch.device, chunk: int) -> _Plan:
+    """The chunk tables of this parameter set (cached: built once per set of shapes)."""
+    key = (device, chunk, tuple((t.numel(), t.dtype) for t in tensors))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan
+    numels = [t.numel() for t in tensors]
+    by_dtype: dict = {}
+    for row, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(row)
+    max_block = chunk if INTERPRETED else min(chunk, GPU_BLOCK)
+    groups, ranges, w = [], [0] * (2 * len(tensors)), 0
+    for dtype, rows in by_dtype.items():
+        w0, crow, cstart = w, [], []
+        for row in rows:
+            ranges[2 * row] = w
+            for s in range(0, numels[row], chunk):
+                crow.append(row)
+                cstart.append(s)
+            w += len(range(0, numels[row], chunk))
+            ranges[2 * row + 1] = w
+        biggest = max(numels[r] for r in rows)
+        block = min(max_block, max(16, _next_pow2(biggest)))
+        groups.append(
+            _Group(
+                dtype,
+                rows,
+                w0,
+                w,
+                torch.tensor(crow, dtype=torch.int32, device=device),
+                torch.tensor(cstart, dtype=torch.int64, device=device),
+                block,
+            )
+        )
+    plan = _Plan(
+        groups,
+        torch.tensor(numels, dtype=torch.int64, device=device),
+        torch.tensor(ranges, dtype=torch.int64, device=device),
+        w,
+    )
+    _PLANS[key] = plan
+    if len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _table(plan: _Plan, values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as a device int64 tensor, reused while they repeat (no upload in steady state)."""
+    key = tuple(values)
+    t = plan.tables.get(key)
+    if t is not None:
+        plan.tables.move_to_end(key)
+        return t
+    if device.type == "cuda":
+        # Pinned + non_blocking: the upload queues behind earlier work instead
+        # of making the host wait for it.
+        t = torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    else:
+        t = torch.tensor(values, dtype=torch.int64, device=device)
+    plan.tables[key] = t
+    if len(plan.tables) > _MAX_TABLES:
+        plan.tables.popitem(last=False)
+    return t
+
+
+def _on(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+_PS: dict = {}
+
+
+def _ps_table(ps: tuple[float, ...], npp: int, device: torch.device) -> torch.Tensor:
+    key = (ps, npp, device)
+    t = _PS.get(key)
+    if t is None:
+        padded = list(ps) + [2.0] * (npp - len(ps))
+        t = _PS[key] = torch.tensor(padded, dtype=torch.float64, device=device)
+    return t
+
+
+# --------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------
+
+
+def grad_stats(tensors, spec: StatsSpec, chunk: int = CHUNK) -> RawStats:
+    """Fill :class:`RawStats` for ``tensors`` (one device): ``G + 1`` launches for ``G`` dtypes."""
+    ps = spec.finite_norms
+    nc = spec.num_count_cols
+    if not tensors:
+        return RawStats(
+            torch.zeros(0, len(ps) + 1, dtype=torch.float64),
+            torch.zeros(0, nc, dtype=torch.int64),
+        )
+    device = tensors[0].device
+    T = len(tensors)
+    h = spec.histogram
+    nbins = h.num_bins if h is not None else 1
+    nslots = _next_pow2(nc + 1)  # + 1: a spare slot for masked-off lanes
+    npp = _next_pow2(max(1, len(ps)))
+    generic = any(p not in (1.0, 2.0) for p in ps)
+    big_p = any(p > FAST_MAX_P for p in ps)
+
+    srcs = [t if flat_readable(t) else t.contiguous() for t in tensors]
+    plan = _plan(srcs, device, chunk)
+    ptrs = _table(plan, [t.data_ptr() for t in srcs], device)
+    ps_t = _ps_table(ps, npp, device)
+    fpart = torch.empty(max(plan.num_chunks, 1), npp + 2, dtype=torch.float64, device=device)
+    cpart = torch.empty(max(plan.num_chunks, 1), nslots, dtype=torch.int32, device=device)
+    floats = torch.empty(T, len(ps) + 1, dtype=torch.float64, device=device)
+    counts = torch.empty(T, nc, dtype=torch.int64, device=device)
+
+    with _on(device):
+        for g in plan.groups:
+            if g.w1 == g.w0:
+                continue
+            is_f64 = g.dtype == torch.float64
+            _stats_chunk_kernel[(g.w1 - g.w0,)](
+                ptrs,
+                plan.numels,
+                g.chunk_row,
+                g.chunk_start,
+                ps_t,
+                fpart[g.w0 : g.w1],
+                cpart[g.w0 : g.w1],
+                DTYPE=TL_DTYPES[g.dtype],
+                IS_F64=is_f64,
+                CHUNK=chunk,
+                BLOCK=g.block,
+                NPP=npp,
+                SCALED=is_f64 or big_p,
+                GENERIC_P=generic,
+                HIST=h is not None,
+                MIN_EXP=h.min_exp if h is not None else 0,
+                NBINS=nbins,
+                NSLOTS=nslots,
+                num_warps=8 if g.block >= 2048 else 4,
+            )
+        _stats_reduce_kernel[(T,)](
+            plan.chunk_range,
+            ps_t,
+            fpart,
+            cpart,
+            floats,
+            counts,
+            NP=len(ps),
+            NPP=npp,
+            NC=nc,
+            NSLOTS=nslots,
+            BW=max(1, min(64, 4096 // nslots)),
+        )
+    return RawStats(floats, counts)
+
+
+def _elementwise(tensors, launch, extra: list[int], chunk: int) -> None:
+    """Run ``launch(group, ptr_table, plan)`` per dtype; strided views go through a copy."""
+    if not tensors:
+        return
+    device = tensors[0].device
+    staged = [(t, t.contiguous()) for t in tensors if not flat_readable(t)]
+    copies = {id(t): c for t, c in staged}
+    srcs = [copies.get(id(t), t) for t in tensors]
+    plan = _plan(srcs, device, chunk)
+    ptrs = _table(plan, [t.data_ptr() for t in srcs] + extra, device)
+    with _on(device):
+        for g in plan.groups:
+            if g.w1 > g.w0:
+                launch(g, ptrs, plan)
+    for t, c in staged:
+        t.copy_(c)
+
+
+def scale_(tensors, coef: torch.Tensor, chunk: int = CHUNK) -> None:
+    """``x *= coef`` in place; ``coef`` is a 0-d tensor read only on the device."""
+    if not tensors:
+        return
+    coef = coef.to(tensors[0].device, torch.float64).reshape(())
+
+    def launch(g, ptrs, plan):
+        _scale_kernel[(g.w1 - g.w0,)](
+            ptrs,
+            plan.numels,
+            g.chunk_row,
+            g.chunk_start,
+            coef,
+            DTYPE=TL_DTYPES[g.dtype],
+            IS_F64=g.dtype == torch.float64,
+            CHUNK=chunk,
+            BLOCK=g.block,
+        )
+
+    _elementwise(tensors, launch, [], chunk)
+
+
+def _f64_bits(v: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(v)))[0]
+
+
+def clamp_(tensors, clip_value: float, chunk: int = CHUNK) -> None:
+    """``x = clamp(x, -clip_value, clip_value)`` in place, one pass per dtype."""
+    if not tensors:
+        return
+    v = float(clip_value)
+    n = len(tensors)
+
+    def launch(g, ptrs, plan):
+        _clamp_kernel[(g.w1 - g.w0,)](
+            ptrs,
+            plan.numels,
+            g.chunk_row,
+            g.chunk_start,
+            n,
+            DTYPE=TL_DTYPES[g.dtype],
+            IS_F64=g.dtype == torch.float64,
+            CHUNK=chunk,
+            BLOCK=g.block,
+        )
+
+    _elementwise(tensors, launch, [_f64_bits(-v), _f64_bits(v)], chunk)
+
+
+__all__ = ["CHUNK", "INTERPRETED", "clamp_", "flat_readable", "grad_stats", "scale_"]

@@ -1,0 +1,105 @@
+"""Every GPU backend against the float64 reference on CUDA tensors (skipped without a GPU).
+
+Run on a GPU machine with ``python -m pytest -q -m cuda``.
+"""
+
+import math
+
+import pytest
+import torch
+
+import fastgrad
+from fastgrad.backends import get_backend
+from fastgrad.reference import stats_reference
+from fastgrad.spec import HistogramSpec, StatsSpec, make_spec
+
+from conftest import DTYPES, NORM_TYPES, assert_raw_close, layouts, make_tensor, nasty_values
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+SPEC = make_spec(NORM_TYPES, True)
+GPU_SIZES = [0, 1, 127, 4097, 65536, 65537, 1_000_003]
+
+
+def gpu_backends():
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    out = []
+    for name in ("cuda", "triton"):
+        reason = get_backend(name).why_not(dev, torch.float32)
+        out.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return out
+
+
+@pytest.fixture(params=gpu_backends())
+def backend(request):
+    return get_backend(request.param)
+
+
+def check(backend, tensors, spec=SPEC, what=""):
+    got = backend.stats(tensors, spec)
+    assert got.floats.device.type == "cuda" and got.counts.device.type == "cuda"
+    assert_raw_close(got, stats_reference([t.cpu() for t in tensors], spec), what=what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", GPU_SIZES)
+@pytest.mark.parametrize("kind", ["normal", "wide", "relu"])
+def test_single_tensor(backend, dtype, n, kind):
+    check(backend, [make_tensor(n, dtype, kind).cuda()], what=f"{dtype} {n} {kind}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nasty_and_layouts(backend, dtype):
+    x = nasty_values(dtype).cuda()
+    big = make_tensor(150_001, dtype).cuda()
+    big[:: 150_001 // len(x)][: len(x)] = x
+    check(backend, [x, big, *[v.cuda() for v in layouts(dtype).values()]])
+
+
+def test_many_tensors_one_call(backend):
+    ts = [make_tensor(3 + i % 50, torch.float32, seed=i).cuda() for i in range(10_000)]
+    ts += [make_tensor(70_000, torch.bfloat16).cuda(), torch.empty(0, device="cuda")]
+    check(backend, ts, StatsSpec((2.0,), HistogramSpec()))
+
+
+def test_float32_extremes(backend):
+    x = torch.full((100_000,), 1e30, device="cuda")
+    check(backend, [x, x * 1e-70, x.double() * 1e170])
+
+
+def test_bitwise_deterministic(backend):
+    ts = [make_tensor(3_000_001, torch.float32, "wide").cuda(), make_tensor(70_000, torch.bfloat16).cuda()]
+    a, b = backend.stats(ts, SPEC), backend.stats(ts, SPEC)
+    assert torch.equal(a.floats, b.floats) and torch.equal(a.counts, b.counts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_and_clamp(backend, dtype):
+    x = make_tensor(200_003, dtype, "wide").cuda()
+    want = x.clone().mul_(torch.tensor(0.3, device="cuda"))
+    backend.scale_([x], torch.tensor(0.3, dtype=torch.float64, device="cuda"))
+    torch.testing.assert_close(x, want, rtol=torch.finfo(dtype).eps, atol=0)
+    before = x.clone()
+    backend.scale_([x], torch.tensor(1.0, dtype=torch.float64, device="cuda"))
+    assert torch.equal(x.view(torch.uint8), before.view(torch.uint8))
+    backend.clamp_([x], 0.01)
+    assert torch.equal(x, before.clamp(-0.01, 0.01))
+
+
+def test_public_api_without_host_sync(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+    model(torch.randn(32, 64, device="cuda")).sum().backward()
+    fastgrad.grad_stats(model, backend=backend.name)  # warm the plan caches
+    fastgrad.clip_grad_norm_(model.parameters(), 1.0, backend=backend.name)
+    ref = fastgrad.grad_stats(model, backend="reference")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = fastgrad.grad_stats(model, backend=backend.name)
+        fastgrad.clip_grad_norm_(model.parameters(), 0.1, backend=backend.name)
+        fastgrad.clip_grad_value_(model.parameters(), 0.05, backend=backend.name)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert stats.total_norm.device.type == "cuda"
+    assert math.isclose(stats.total_norm.item(), ref.total_norm.item(), rel_tol=1e-6)
+    assert all(p.grad.abs().max().item() <= 0.05 for p in model.parameters())
