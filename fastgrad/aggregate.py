@@ -32,7 +32,7 @@ class Segments:
         members: list[list[int]] = [[] for _ in range(num_groups)]
         for t, g in enumerate(self.index_list):
             members[g].append(t)
-        width = max((len(m) for m in members), default=0)
+        width = max([len(m) for m in members] + [0])
         pad = [m + [self.num_rows] * (width - len(m)) for m in members]  # -> the zero row
         self.pad = torch.tensor(pad, dtype=torch.int64, device=device).reshape(num_groups, width)
         self.index = torch.tensor(self.index_list, dtype=torch.int64, device=device)

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import torch
 
 from .collect import check_grads, promoted_dtype
-from .dispatch import clamp_, compute_stats, scale_
+from .ops import clamp_op_, grad_stats_op, scale_op_
 from .spec import StatsSpec, parse_norm_type
 from .stats import build_stats
 
@@ -76,7 +76,7 @@ def _nonfinite_error(names, grads, raw, p: float) -> RuntimeError:
 def _total_norm(names, grads, p: float, error_if_nonfinite: bool, backend) -> torch.Tensor:
     """float64 0-d global p-norm on the first gradient's device (one fused pass)."""
     spec = StatsSpec((p,), None)
-    raw = compute_stats(grads, spec, backend)
+    raw = grad_stats_op(grads, spec, backend)
     total = build_stats(names, grads, spec, raw, None).total_norm
     if error_if_nonfinite and not bool(total.isfinite()):  # the one sync torch also makes
         raise _nonfinite_error(names, grads, raw, p)
@@ -136,7 +136,7 @@ def clip_grads_with_norm_(
         if not grads:
             return
         check_grads(names, grads)
-        scale_(grads, _coef(max_norm, total_norm), backend)
+        scale_op_(grads, _coef(max_norm, total_norm), backend)
 
 
 def clip_grad_norm_(
@@ -175,7 +175,7 @@ def clip_grad_norm_(
             return torch.tensor(0.0)
         check_grads(names, grads)
         total = _total_norm(names, grads, p, error_if_nonfinite, backend)
-        scale_(grads, _coef(max_norm, total), backend)
+        scale_op_(grads, _coef(max_norm, total), backend)
         return total.to(promoted_dtype(grads))
 
 
@@ -194,4 +194,4 @@ def clip_grad_value_(
         if not grads:
             return
         check_grads(names, grads)
-        clamp_(grads, clip_value, backend)
+        clamp_op_(grads, clip_value, backend)

@@ -10,7 +10,7 @@ import torch
 
 from . import aggregate
 from .collect import check_grads, collect
-from .dispatch import compute_stats
+from .ops import grad_stats_op
 from .spec import COUNT_NAMES, NAN, NEGINF, NUM_COUNTS, POSINF, ZERO, HistogramSpec, RawStats, StatsSpec, make_spec
 
 
@@ -287,5 +287,5 @@ def grad_stats(
     if groups is None and isinstance(tensors_or_params, torch.nn.Module):
         groups = "module"
     labels = group_labels(collected.names, groups)
-    raw = compute_stats(collected.grads, spec, backend)
+    raw = grad_stats_op(collected.grads, spec, backend)
     return build_stats(collected.names, collected.grads, spec, raw, labels)
