@@ -1,7 +1,8 @@
 """The one place a backend is chosen.
 
 Per (device, dtype) the backends are tried in priority order (``cuda``,
-``triton``, ``cpu``, ``reference``); each says why it refuses an input. An
+``triton``, ``cpu``, ``reference``; Triton's CPU interpreter only on explicit
+request); each says why it refuses an input. An
 explicit choice (``backend=`` or ``FASTGRAD_BACKEND``) that cannot serve an
 input raises with the reason; an automatic choice falls back, warning once
 when a compiled backend the user likely expected is missing. Kernels never
@@ -25,6 +26,9 @@ from .spec import RawStats, StatsSpec
 
 ENV_VAR = "FASTGRAD_BACKEND"
 PRIORITY = ("cuda", "triton", "cpu", "reference")
+# Triton on CPU tensors means its interpreter (TRITON_INTERPRET=1): a testing
+# tool, never an automatic choice.
+AUTO_SKIP = {("cpu", "triton")}
 
 
 def requested_backend(backend: str | None) -> str | None:
@@ -52,6 +56,8 @@ def choose(device: torch.device, dtype: torch.dtype, requested: str | None):
         return b
     refused = []
     for name in PRIORITY:
+        if (device.type, name) in AUTO_SKIP:
+            continue
         b = get_backend(name)
         reason = b.why_not(device, dtype)
         if reason is None:

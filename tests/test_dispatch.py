@@ -48,3 +48,24 @@ def test_backends_agree_through_the_public_api():
     b = fastgrad.grad_stats(xs, backend="cpu", norm_types=(2, 1, "inf"))
     assert torch.equal(a.raw.counts, b.raw.counts)
     torch.testing.assert_close(a.raw.floats, b.raw.floats, rtol=1e-12, atol=0)
+
+
+def test_missing_cpu_extension_falls_back_with_one_warning(monkeypatch):
+    from fastgrad.backends import cpu
+
+    monkeypatch.setattr(cpu, "_C", None)
+    monkeypatch.setattr(cpu, "LOAD_ERROR", "the C++ extension fastgrad._C is not available (simulated)")
+    dispatch.choose.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="reference backend.*cpu: the C\\+\\+ extension.*simulated"):
+            s = fastgrad.grad_stats([torch.ones(4)])
+        assert s.total_norm.item() == 2.0
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second call must not warn again
+            fastgrad.grad_stats([torch.ones(4)])
+        with pytest.raises(RuntimeError, match="simulated"):
+            fastgrad.grad_stats([torch.ones(4)], backend="cpu")
+    finally:
+        dispatch.choose.cache_clear()
