@@ -29,8 +29,18 @@ Statistics take ``G + 1`` launches for the ``G`` dtypes present:
 2. ``_stats_reduce_kernel``, grid ``(T,)``: program ``t`` folds the partial
    rows of tensor ``t``'s chunks in chunk order and writes output row ``t``.
 
-No floating-point atomics and no reduction order that depends on
-scheduling, so results are bitwise reproducible run to run.
+Besides the launches, a call allocates the small partial and output tables
+and uploads the pointer table only when the pointers changed. No
+floating-point atomics and no reduction order that depends on scheduling,
+so results are bitwise reproducible run to run.
+
+Every kernel walks its chunk as unmasked full blocks and one masked tail,
+with an int32 loop counter: together with ``tl.multiple_of`` when every
+pointer of the launch is 16-byte aligned (``ALIGNED``), that lets the GPU
+use 128-bit loads and stores. ``BLOCK`` is 2048 on the GPU (1024 for
+float64 or more than two norms, to stay in registers), capped by the largest
+tensor of the launch; the interpreter takes whole chunks, as it pays per
+operation rather than per element.
 
 Norm math
 ---------
@@ -80,6 +90,11 @@ and returns before touching memory when it is 1. Half types compute in
 float32 and round once; float32 uses ``float(coef)``, as torch does.
 Clamp bounds travel as float64 bit patterns at the end of the pointer
 table, since Triton would pass a Python float as float32.
+
+bfloat16 <-> float32 conversions are written with integer bit operations
+(exact upcast; round to nearest even, NaN kept a NaN): the interpreter
+truncates float32 -> bfloat16 and flushes bfloat16 subnormals, and on the
+GPU the bit operations cost next to nothing.
 """
 
 from __future__ import annotations
@@ -95,8 +110,6 @@ import triton.language as tl
 from .spec import NUM_COUNTS, RawStats, StatsSpec
 
 CHUNK = 1 << 16
-# A GPU program streams its chunk through registers BLOCK elements at a time;
-# the interpreter pays per operation, not per element, so it takes whole chunks.
 GPU_BLOCK = 2048
 # p <= FAST_MAX_P: float64 holds sum |x|^p of float32/16/bf16 input unscaled.
 FAST_MAX_P = 4.0
@@ -129,6 +142,64 @@ def _to_f32(raw, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _accumulate(raw, m, acc, mx, hist, k, p, DTYPE: tl.constexpr, IS_F64: tl.constexpr,
+                SCALED: tl.constexpr, GENERIC_P: tl.constexpr, HIST: tl.constexpr,
+                MIN_EXP: tl.constexpr, NBINS: tl.constexpr, NSLOTS: tl.constexpr):
+    """Fold one block of loaded values (lanes outside ``m`` hold 0) into a chunk's accumulators."""
+    if IS_F64:
+        x = raw
+        bits = x.to(tl.int64, bitcast=True)
+        e = ((bits >> 52) & 0x7FF).to(tl.int32)
+        mant = (bits & 0xFFFFFFFFFFFFF) != 0
+        EMAX: tl.constexpr = 0x7FF
+        BIAS: tl.constexpr = 1023
+    else:
+        xf = _to_f32(raw, DTYPE)
+        x = xf.to(tl.float64)
+        bits = xf.to(tl.int32, bitcast=True)
+        e = (bits >> 23) & 0xFF
+        mant = (bits & 0x7FFFFF) != 0
+        EMAX: tl.constexpr = 0xFF
+        BIAS: tl.constexpr = 127
+    neg = bits < 0
+
+    a = tl.abs(x)
+    is_nan = (e == EMAX) & mant
+    mx = tl.maximum(mx, tl.where(is_nan, 0.0, a))
+    a_fin = tl.where(e != EMAX, a, 0.0)
+
+    if SCALED:
+        bm = tl.max(a_fin, axis=0)
+        kb = ((bm.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1022
+        k_new = tl.maximum(k, kb)
+        acc = acc * tl.exp2(p * (k - k_new).to(tl.float64))
+        k = k_new
+        b = (a_fin * tl.exp2(-k.to(tl.float64)))[None, :]
+    else:
+        b = a_fin[None, :]
+    if GENERIC_P:
+        pos = b > 0
+        powp = tl.where(pos, tl.exp2(p * tl.log2(tl.where(pos, b, 1.0))), 0.0)
+        acc += tl.where(p == 2.0, b * b, tl.where(p == 1.0, b, powp))
+    else:
+        acc += tl.where(p == 2.0, b * b, b)
+
+    # Slot = output column: 0 NaN, 1 +Inf, 2 -Inf, 3 zero, 4 + histogram bin.
+    special = tl.where(mant, 0, tl.where(neg, 2, 1))
+    low = tl.where(mant, _NCOUNTS, 3)  # e == 0: subnormal -> underflow bin
+    binned = _NCOUNTS + tl.minimum(tl.maximum(e - (BIAS + MIN_EXP - 1), 0), NBINS - 1)
+    slot = tl.where(e == EMAX, special, tl.where(e == 0, low, binned))
+    if HIST:
+        counted = m
+    else:
+        counted = m & (slot < _NCOUNTS)
+    # Uncounted lanes go to the last slot, past every output column: no
+    # reliance on tl.histogram's mask argument (newer Triton only).
+    hist += tl.histogram(tl.where(counted, slot, NSLOTS - 1), NSLOTS)
+    return acc, mx, hist, k
+
+
+@triton.jit
 def _stats_chunk_kernel(
     ptr_table,  # int64 [T]: data pointers, by output row
     numels,  # int64 [T]
@@ -139,6 +210,7 @@ def _stats_chunk_kernel(
     cpart,  # int32 [W, NSLOTS]: slot counters
     DTYPE: tl.constexpr,
     IS_F64: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
     NPP: tl.constexpr,
@@ -152,8 +224,10 @@ def _stats_chunk_kernel(
     w = tl.program_id(0).to(tl.int64)
     row = tl.load(chunk_row + w)
     start = tl.load(chunk_start + w)
-    n = tl.minimum(tl.load(numels + row) - start, CHUNK)
+    n = tl.minimum(tl.load(numels + row) - start, CHUNK).to(tl.int32)  # int32: lets loads vectorise
     base = tl.load(ptr_table + row).to(tl.pointer_type(DTYPE)) + start
+    if ALIGNED:  # every pointer of the launch is 16-byte aligned: 128-bit loads
+        base = tl.multiple_of(base, 16)
     p = tl.load(ps + tl.arange(0, NPP))[:, None]
     lanes = tl.arange(0, BLOCK)
 
@@ -164,60 +238,18 @@ def _stats_chunk_kernel(
     # -1022 makes 2^-k a normal double from the start.
     k = tl.zeros([], dtype=tl.int32) - 1022
 
-    for i in range(0, n, BLOCK):
-        m = i + lanes < n
-        raw = tl.load(base + i + lanes, mask=m, other=0.0)
-        if IS_F64:
-            x = raw
-            bits = x.to(tl.int64, bitcast=True)
-            e = ((bits >> 52) & 0x7FF).to(tl.int32)
-            mant = (bits & 0xFFFFFFFFFFFFF) != 0
-            EMAX: tl.constexpr = 0x7FF
-            BIAS: tl.constexpr = 1023
-        else:
-            xf = _to_f32(raw, DTYPE)
-            x = xf.to(tl.float64)
-            bits = xf.to(tl.int32, bitcast=True)
-            e = (bits >> 23) & 0xFF
-            mant = (bits & 0x7FFFFF) != 0
-            EMAX: tl.constexpr = 0xFF
-            BIAS: tl.constexpr = 127
-        neg = bits < 0
-
-        a = tl.abs(x)
-        is_nan = (e == EMAX) & mant
-        finite = e != EMAX
-        mx = tl.maximum(mx, tl.where(is_nan, 0.0, a))
-        a_fin = tl.where(finite, a, 0.0)
-
-        if SCALED:
-            bm = tl.max(a_fin, axis=0)
-            kb = ((bm.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1022
-            k_new = tl.maximum(k, kb)
-            acc = acc * tl.exp2(p * (k - k_new).to(tl.float64))
-            k = k_new
-            b = (a_fin * tl.exp2(-k.to(tl.float64)))[None, :]
-        else:
-            b = a_fin[None, :]
-        if GENERIC_P:
-            pos = b > 0
-            powp = tl.where(pos, tl.exp2(p * tl.log2(tl.where(pos, b, 1.0))), 0.0)
-            acc += tl.where(p == 2.0, b * b, tl.where(p == 1.0, b, powp))
-        else:
-            acc += tl.where(p == 2.0, b * b, b)
-
-        # Slot = output column: 0 NaN, 1 +Inf, 2 -Inf, 3 zero, 4 + histogram bin.
-        special = tl.where(mant, 0, tl.where(neg, 2, 1))
-        low = tl.where(mant, _NCOUNTS, 3)  # e == 0: subnormal -> underflow bin
-        binned = _NCOUNTS + tl.minimum(tl.maximum(e - (BIAS + MIN_EXP - 1), 0), NBINS - 1)
-        slot = tl.where(e == EMAX, special, tl.where(e == 0, low, binned))
-        if HIST:
-            counted = m
-        else:
-            counted = m & (slot < _NCOUNTS)
-        # Uncounted lanes go to the last slot, past every output column: no
-        # reliance on tl.histogram's mask argument (newer Triton only).
-        hist += tl.histogram(tl.where(counted, slot, NSLOTS - 1), NSLOTS)
+    # Full blocks unmasked (so loads can vectorise), then one masked tail.
+    n_full = n // BLOCK * BLOCK
+    everywhere = tl.full([BLOCK], 1, tl.int1)
+    for i in range(0, n_full, BLOCK):
+        raw = tl.load(base + i + lanes)
+        acc, mx, hist, k = _accumulate(raw, everywhere, acc, mx, hist, k, p, DTYPE, IS_F64, SCALED,
+                                       GENERIC_P, HIST, MIN_EXP, NBINS, NSLOTS)
+    if n_full < n:
+        m = n_full + lanes < n
+        raw = tl.load(base + n_full + lanes, mask=m, other=0.0)
+        acc, mx, hist, k = _accumulate(raw, m, acc, mx, hist, k, p, DTYPE, IS_F64, SCALED,
+                                       GENERIC_P, HIST, MIN_EXP, NBINS, NSLOTS)
 
     frow = fpart + w * (NPP + 2)
     tl.store(frow + tl.arange(0, NPP), tl.sum(acc, axis=1))
@@ -306,6 +338,14 @@ def _round_to(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _scale_block(x, coef, cf, DTYPE: tl.constexpr, IS_F64: tl.constexpr):
+    if IS_F64:
+        return x * coef
+    else:
+        return _round_to(_to_f32(x, DTYPE) * cf, DTYPE)
+
+
+@triton.jit
 def _scale_kernel(
     ptr_table,
     numels,
@@ -314,6 +354,7 @@ def _scale_kernel(
     coef_ptr,  # float64 0-d, on the device
     DTYPE: tl.constexpr,
     IS_F64: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -324,18 +365,37 @@ def _scale_kernel(
         w = tl.program_id(0).to(tl.int64)
         row = tl.load(chunk_row + w)
         start = tl.load(chunk_start + w)
-        n = tl.minimum(tl.load(numels + row) - start, CHUNK)
+        n = tl.minimum(tl.load(numels + row) - start, CHUNK).to(tl.int32)  # int32: lets loads vectorise
         base = tl.load(ptr_table + row).to(tl.pointer_type(DTYPE)) + start
+        if ALIGNED:
+            base = tl.multiple_of(base, 16)
         lanes = tl.arange(0, BLOCK)
         cf = coef.to(tl.float32)
-        for i in range(0, n, BLOCK):
-            m = i + lanes < n
-            x = tl.load(base + i + lanes, mask=m)
-            if IS_F64:
-                y = x * coef
-            else:
-                y = _round_to(_to_f32(x, DTYPE) * cf, DTYPE)
-            tl.store(base + i + lanes, y, mask=m)
+        n_full = n // BLOCK * BLOCK
+        for i in range(0, n_full, BLOCK):
+            x = tl.load(base + i + lanes)
+            tl.store(base + i + lanes, _scale_block(x, coef, cf, DTYPE, IS_F64))
+        if n_full < n:
+            m = n_full + lanes < n
+            x = tl.load(base + n_full + lanes, mask=m)
+            tl.store(base + n_full + lanes, _scale_block(x, coef, cf, DTYPE, IS_F64), mask=m)
+
+
+@triton.jit
+def _clamp_block(x, lo, hi, DTYPE: tl.constexpr, IS_F64: tl.constexpr):
+    if IS_F64:
+        v = x
+        lo_v = lo
+        hi_v = hi
+    else:
+        v = _to_f32(x, DTYPE)
+        lo_v = lo.to(tl.float32)
+        hi_v = hi.to(tl.float32)
+    # min(max(x, lo), hi) as torch.clamp: comparisons with NaN are false, so
+    # NaN passes through, and lo > hi gives hi.
+    v = tl.where(v < lo_v, lo_v, v)
+    v = tl.where(v > hi_v, hi_v, v)
+    return _round_to(v, DTYPE)
 
 
 @triton.jit
@@ -347,33 +407,28 @@ def _clamp_kernel(
     bounds_at,
     DTYPE: tl.constexpr,
     IS_F64: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     w = tl.program_id(0).to(tl.int64)
     row = tl.load(chunk_row + w)
     start = tl.load(chunk_start + w)
-    n = tl.minimum(tl.load(numels + row) - start, CHUNK)
+    n = tl.minimum(tl.load(numels + row) - start, CHUNK).to(tl.int32)  # int32: lets loads vectorise
     base = tl.load(ptr_table + row).to(tl.pointer_type(DTYPE)) + start
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
     lo = tl.load(ptr_table + bounds_at).to(tl.float64, bitcast=True)
     hi = tl.load(ptr_table + bounds_at + 1).to(tl.float64, bitcast=True)
     lanes = tl.arange(0, BLOCK)
-    for i in range(0, n, BLOCK):
-        m = i + lanes < n
-        x = tl.load(base + i + lanes, mask=m)
-        if IS_F64:
-            v = x
-            lo_v = lo
-            hi_v = hi
-        else:
-            v = _to_f32(x, DTYPE)
-            lo_v = lo.to(tl.float32)
-            hi_v = hi.to(tl.float32)
-        # min(max(x, lo), hi) as torch.clamp: comparisons with NaN are false,
-        # so NaN passes through, and lo > hi gives hi.
-        v = tl.where(v < lo_v, lo_v, v)
-        v = tl.where(v > hi_v, hi_v, v)
-        tl.store(base + i + lanes, _round_to(v, DTYPE), mask=m)
+    n_full = n // BLOCK * BLOCK
+    for i in range(0, n_full, BLOCK):
+        x = tl.load(base + i + lanes)
+        tl.store(base + i + lanes, _clamp_block(x, lo, hi, DTYPE, IS_F64))
+    if n_full < n:
+        m = n_full + lanes < n
+        x = tl.load(base + n_full + lanes, mask=m)
+        tl.store(base + n_full + lanes, _clamp_block(x, lo, hi, DTYPE, IS_F64), mask=m)
 
 
 try:
@@ -432,6 +487,8 @@ _MAX_TABLES = 4
 
 def _plan(tensors, device: torch.device, chunk: int) -> _Plan:
     """The chunk tables of this parameter set (cached: built once per set of shapes)."""
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
     key = (device, chunk, tuple((t.numel(), t.dtype) for t in tensors))
     plan = _PLANS.get(key)
     if plan is not None:
@@ -500,6 +557,11 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _aligned(addrs: list[int], rows: list[int]) -> bool:
+    """True if every pointer of the group is 16-byte aligned (chunk starts then are too)."""
+    return all(addrs[r] % 16 == 0 for r in rows)
+
+
 _PS: dict = {}
 
 
@@ -537,7 +599,8 @@ def grad_stats(tensors, spec: StatsSpec, chunk: int = CHUNK) -> RawStats:
 
     srcs = [t if flat_readable(t) else t.contiguous() for t in tensors]
     plan = _plan(srcs, device, chunk)
-    ptrs = _table(plan, [t.data_ptr() for t in srcs], device)
+    addrs = [t.data_ptr() for t in srcs]
+    ptrs = _table(plan, addrs, device)
     ps_t = _ps_table(ps, npp, device)
     fpart = torch.empty(max(plan.num_chunks, 1), npp + 2, dtype=torch.float64, device=device)
     cpart = torch.empty(max(plan.num_chunks, 1), nslots, dtype=torch.int32, device=device)
@@ -549,6 +612,9 @@ def grad_stats(tensors, spec: StatsSpec, chunk: int = CHUNK) -> RawStats:
             if g.w1 == g.w0:
                 continue
             is_f64 = g.dtype == torch.float64
+            # float64 and several p hold more accumulators per element: a
+            # smaller block keeps them in registers on the GPU.
+            block = g.block if INTERPRETED or not (is_f64 or npp > 2) else min(g.block, GPU_BLOCK // 2)
             _stats_chunk_kernel[(g.w1 - g.w0,)](
                 ptrs,
                 plan.numels,
@@ -559,8 +625,9 @@ def grad_stats(tensors, spec: StatsSpec, chunk: int = CHUNK) -> RawStats:
                 cpart[g.w0 : g.w1],
                 DTYPE=TL_DTYPES[g.dtype],
                 IS_F64=is_f64,
+                ALIGNED=_aligned(addrs, g.rows),
                 CHUNK=chunk,
-                BLOCK=g.block,
+                BLOCK=block,
                 NPP=npp,
                 SCALED=is_f64 or big_p,
                 GENERIC_P=generic,
@@ -568,7 +635,7 @@ def grad_stats(tensors, spec: StatsSpec, chunk: int = CHUNK) -> RawStats:
                 MIN_EXP=h.min_exp if h is not None else 0,
                 NBINS=nbins,
                 NSLOTS=nslots,
-                num_warps=8 if g.block >= 2048 else 4,
+                num_warps=8 if block >= 2048 else 4,
             )
         _stats_reduce_kernel[(T,)](
             plan.chunk_range,
@@ -587,7 +654,7 @@ def grad_stats(tensors, spec: StatsSpec, chunk: int = CHUNK) -> RawStats:
 
 
 def _elementwise(tensors, launch, extra: list[int], chunk: int) -> None:
-    """Run ``launch(group, ptr_table, plan)`` per dtype; strided views go through a copy."""
+    """Run ``launch(group, ptr_table, plan, aligned)`` per dtype; strided views go through a copy."""
     if not tensors:
         return
     device = tensors[0].device
@@ -595,11 +662,12 @@ def _elementwise(tensors, launch, extra: list[int], chunk: int) -> None:
     copies = {id(t): c for t, c in staged}
     srcs = [copies.get(id(t), t) for t in tensors]
     plan = _plan(srcs, device, chunk)
-    ptrs = _table(plan, [t.data_ptr() for t in srcs] + extra, device)
+    addrs = [t.data_ptr() for t in srcs]
+    ptrs = _table(plan, addrs + extra, device)
     with _on(device):
         for g in plan.groups:
             if g.w1 > g.w0:
-                launch(g, ptrs, plan)
+                launch(g, ptrs, plan, _aligned(addrs, g.rows))
     for t, c in staged:
         t.copy_(c)
 
@@ -610,7 +678,7 @@ def scale_(tensors, coef: torch.Tensor, chunk: int = CHUNK) -> None:
         return
     coef = coef.to(tensors[0].device, torch.float64).reshape(())
 
-    def launch(g, ptrs, plan):
+    def launch(g, ptrs, plan, aligned):
         _scale_kernel[(g.w1 - g.w0,)](
             ptrs,
             plan.numels,
@@ -619,6 +687,7 @@ def scale_(tensors, coef: torch.Tensor, chunk: int = CHUNK) -> None:
             coef,
             DTYPE=TL_DTYPES[g.dtype],
             IS_F64=g.dtype == torch.float64,
+            ALIGNED=aligned,
             CHUNK=chunk,
             BLOCK=g.block,
         )
@@ -637,7 +706,7 @@ def clamp_(tensors, clip_value: float, chunk: int = CHUNK) -> None:
     v = float(clip_value)
     n = len(tensors)
 
-    def launch(g, ptrs, plan):
+    def launch(g, ptrs, plan, aligned):
         _clamp_kernel[(g.w1 - g.w0,)](
             ptrs,
             plan.numels,
@@ -646,6 +715,7 @@ def clamp_(tensors, clip_value: float, chunk: int = CHUNK) -> None:
             n,
             DTYPE=TL_DTYPES[g.dtype],
             IS_F64=g.dtype == torch.float64,
+            ALIGNED=aligned,
             CHUNK=chunk,
             BLOCK=g.block,
         )
