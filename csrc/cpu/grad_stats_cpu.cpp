@@ -49,9 +49,13 @@ enum Count { kNan = 0, kPosInf, kNegInf, kZero };  // NAN, POSINF, NEGINF, ZERO 
 // (HistogramSpec) put every exponent that shares a key into one bin.
 constexpr int kExpKeys = 256;
 constexpr int kNumKeys = kExpKeys + kNumCounts;
-// The scalar pass rotates its increments over this many key tables, so that
-// runs of equal keys do not serialise on store->load forwarding.
-constexpr int kKeyTables = 4;
+// Scalar passes rotate their increments over this many key tables, so that
+// runs of equal keys do not serialise on store->load forwarding. Each table
+// ends in a scratch counter, the target of branch-free increments that must
+// count nothing.
+constexpr int kKeyTables = 8;
+constexpr int kScratchKey = kNumKeys;
+constexpr int kKeyStride = kNumKeys + 1;
 
 inline int bin_of_key(int k, int min_exp, int num_bins) {
   return std::min(std::max(k - 127 - min_exp + 1, 0), num_bins - 1);
@@ -86,7 +90,7 @@ struct BlockAcc {
 };
 
 // One pass over n contiguous values, generic form: used for float64 input
-// and for the tails of float blocks. keys: kKeyTables tables of kNumKeys.
+// and for the tails of float blocks. keys: the kKeyTables tables.
 template <typename T>
 inline void block_pass_scalar(const T* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys) {
   double s1 = 0, s2 = 0, mx = acc.maxabs;
@@ -96,7 +100,7 @@ inline void block_pass_scalar(const T* __restrict x, int64_t n, BlockAcc& acc, u
     s1 += a;
     s2 += a * a;
     mx = a > mx ? a : mx;  // NaN compares false: max over non-NaN values
-    ++keys[(i % kKeyTables) * kNumKeys + key_of(v)];
+    ++keys[(i % kKeyTables) * kKeyStride + key_of(v)];
   }
   acc.s1 += s1;
   acc.s2 += s2;
@@ -109,8 +113,10 @@ inline void block_pass_scalar(const T* __restrict x, int64_t n, BlockAcc& acc, u
 // the -march a build used.
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef double f64x8 __attribute__((vector_size(64)));
+typedef double f64x16 __attribute__((vector_size(128)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 // The histogram's vector counters: kWin adjacent exponents [base, base + kWin)
 // as 4-bit fields, eight per 32-bit lane (exponent base + 8j + f in field f
@@ -118,36 +124,48 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 // are emptied into 8-bit fields every kNibbleRun vectors (two byte counters
 // per nibble counter, even and odd fields), and those (at most kBlock / 16
 // = 128 per lane) are summed over the lanes once per block.
-constexpr int kWin = 16;
+constexpr int kWin = 32;
 constexpr int kNibbleCounters = kWin / 8;
 constexpr int kNibbleRun = 15;
 static_assert(kWin % 8 == 0 && kBlock / 16 <= 255, "counter fields would overflow");
 
-// Where the window sits only affects speed: values outside it are found by a
-// scalar scan of the block. It starts where the thread's previous chunk left
-// it and, after a block that had values outside it, moves to the kWin keys
+// Where the window sits only affects speed: values outside it are found by
+// a second look at the block. It starts where the thread's previous chunk
+// left it and, once enough values have been missed, moves to the kWin keys
 // with the most counts so far in the chunk.
 struct Window {
   int base = 127 - kWin / 2;  // around 1.0 until some data has been seen
+  int64_t missed = 0;          // since the last move
   void refit(const uint32_t* keys) {
+    missed = 0;
+    uint32_t count[kExpKeys] = {};
+    for (int t = 0; t < kKeyTables; ++t)
+      for (int k = 0; k < kExpKeys; ++k) count[k] += keys[t * kKeyStride + k];
     // Candidates [b, b + kWin) within the finite normal-float keys [1, 254].
     uint64_t best = 0;
-    for (int k = base; k < base + kWin; ++k) best += keys[k];
+    for (int k = base; k < base + kWin; ++k) best += count[k];
     uint64_t cur = 0;
-    for (int k = 1; k < 1 + kWin; ++k) cur += keys[k];
+    for (int k = 1; k < 1 + kWin; ++k) cur += count[k];
     for (int b = 1;; ++b) {
       if (cur > best) {
         best = cur;
         base = b;
       }
       if (b + kWin > 254) break;
-      cur += keys[b + kWin];
-      cur -= keys[b];
+      cur += count[b + kWin];
+      cur -= count[b];
     }
   }
 };
 
-inline uint32_t lane_sum(u32x16 v) {
+// Horizontal reductions of the 16 lanes.
+inline int32_t lane_or(const i32x16& v) {
+  int32_t s = 0;
+  for (int l = 0; l < 16; ++l) s |= v[l];
+  return s;
+}
+
+inline uint32_t lane_sum(const u32x16& v) {
   uint32_t s = 0;
   for (int l = 0; l < 16; ++l) s += v[l];
   return s;
@@ -172,22 +190,24 @@ inline void block_pass(const float* __restrict x, int64_t n, BlockAcc& acc, uint
       const u32x16 au = u & 0x7fffffffu;
       f32x16 a;
       std::memcpy(&a, &au, sizeof(a));
-      const f64x8 lo = __builtin_convertvector(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), f64x8);
-      const f64x8 hi =
-          __builtin_convertvector(__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15), f64x8);
+      // Converted as one 16-lane vector: GCC splits an 8-lane half's conversion
+      // into 128-bit pieces.
+      const f64x16 ad = __builtin_convertvector(a, f64x16);
+      const f64x8 lo = __builtin_shufflevector(ad, ad, 0, 1, 2, 3, 4, 5, 6, 7);
+      const f64x8 hi = __builtin_shufflevector(ad, ad, 8, 9, 10, 11, 12, 13, 14, 15);
       s1a += lo;
       s1b += hi;
       s2a += lo * lo;
       s2b += hi * hi;
       mx = a > mx ? a : mx;  // NaN compares false: max over non-NaN values
-      c_zero -= au == 0u;
+      c_zero = au == 0u ? c_zero + 1 : c_zero;
       if constexpr (kHist) {
         // d4 = 4 * (exponent - base): field (d4 & 31) / 4 of counter d4 / 32,
         // which is none of them outside the window (also for zeros, NaN, Inf).
         const i32x16 d4 = (i32x16)((au >> 21) & 0x3fcu) - base4;
         const u32x16 bit = one << (u32x16)(d4 & 28);
         const i32x16 j = d4 >> 5;
-        for (int c = 0; c < kNibbleCounters; ++c) nib[c] += j == c ? bit : 0u;
+        for (int c = 0; c < kNibbleCounters; ++c) nib[c] = j == c ? nib[c] + bit : nib[c];
       }
     }
     if constexpr (kHist) {
@@ -232,17 +252,46 @@ inline void block_pass(const float* __restrict x, int64_t n, BlockAcc& acc, uint
       k[6] += odd >> 16;
       in_window += (even & 0xffffu) + (even >> 16) + (odd & 0xffffu) + (odd >> 16);
     }
-    int64_t missed = nv - zeros - nonfinite - in_window;
+    const int64_t missed = nv - zeros - nonfinite - in_window;
     if (missed > 0) {
-      // Stops at the last missed value.
-      for (int64_t i = 0; missed > 0; ++i) {
-        const uint32_t au = float_to_bits(x[i]) & 0x7fffffffu, e = au >> 23;
-        if (au != 0 && e != 255 && e - uint32_t(win.base) >= uint32_t(kWin)) {
-          ++keys[e];
-          --missed;
+      // Outside the window: finite, non-zero and an exponent e not in it.
+      const uint32_t base = uint32_t(win.base);
+      if (missed * 32 < nv) {
+        // A few: found 16 at a time, up to the last one.
+        int64_t left = missed;
+        for (int64_t i = 0; left > 0; i += 16) {
+          u32x16 u;
+          std::memcpy(&u, x + i, sizeof(u));
+          const u32x16 au = u & 0x7fffffffu, e = au >> 23;
+          const i32x16 out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
+          if (!lane_or(out)) continue;
+          for (int l = 0; l < 16; ++l) {
+            if (out[l]) {
+              ++keys[e[l]];
+              --left;
+            }
+          }
+        }
+      } else {
+        // Many (data spread over more than kWin exponents): each value's key
+        // (the scratch key if it is not missed) is written out, then counted
+        // without branches, as the scalar pass does.
+        alignas(64) uint16_t key16[kBlock];
+        for (int64_t i = 0; i < nv; i += 16) {
+          u32x16 u;
+          std::memcpy(&u, x + i, sizeof(u));
+          const u32x16 au = u & 0x7fffffffu, e = au >> 23;
+          const i32x16 out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
+          const u16x16 k = __builtin_convertvector(out ? e : uint32_t(kScratchKey), u16x16);
+          std::memcpy(key16 + i, &k, sizeof(k));
+        }
+        for (int64_t i = 0; i < nv; i += kKeyTables) {
+#pragma GCC unroll 8
+          for (int t = 0; t < kKeyTables; ++t) ++keys[t * kKeyStride + key16[i + t]];
         }
       }
-      win.refit(keys);
+      win.missed += missed;
+      if (win.missed * 32 >= kBlock) win.refit(keys);
     }
   }
   acc.s1 += s1;
@@ -341,7 +390,7 @@ template <typename C>
 void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart) {
   const TensorDesc& d = (*job.descs)[it.tensor];
   alignas(64) C buf[kBlock];
-  alignas(64) uint32_t keys[kKeyTables * kNumKeys] = {};
+  alignas(64) uint32_t keys[kKeyTables * kKeyStride] = {};
   BlockAcc acc;
   static thread_local Window win;
 
@@ -353,7 +402,7 @@ void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart)
   for (int c = 0; c < job.ncounts; ++c) cpart[c] = 0;
   for (int k = 0; k < kNumKeys; ++k) {
     int64_t total = 0;
-    for (int t = 0; t < kKeyTables; ++t) total += keys[t * kNumKeys + k];
+    for (int t = 0; t < kKeyTables; ++t) total += keys[t * kKeyStride + k];
     if (k >= kExpKeys) cpart[k - kExpKeys] = total;
     else if (job.hist) cpart[kNumCounts + bin_of_key(k, job.min_exp, job.num_bins)] += total;
   }
