@@ -13,7 +13,10 @@ on purpose:
 * invalid ``max_norm`` / ``clip_value`` (negative, NaN) and ``norm_type <= 0``
   raise ``ValueError`` before anything is touched (torch silently flips signs);
 * ``error_if_nonfinite=True`` names the offending gradients;
-* ``foreach`` is accepted and ignored: every path is multi-tensor already.
+* ``foreach`` is accepted and ignored: every path is multi-tensor already;
+* sharded gradients (DTensor, FSDP2) and ``process_group=`` give the global
+  norm from one small all-reduce (:mod:`fastgrad.distributed`); the norm is
+  returned as a plain tensor, identical on every rank.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
+from . import distributed
 from .collect import check_grads, promoted_dtype
 from .ops import clamp_op_, grad_stats_op, scale_op_
 from .spec import StatsSpec, parse_norm_type
@@ -73,11 +77,19 @@ def _nonfinite_error(names, grads, raw, p: float) -> RuntimeError:
     )
 
 
-def _total_norm(names, grads, p: float, error_if_nonfinite: bool, backend) -> torch.Tensor:
-    """float64 0-d global p-norm on the first gradient's device (one fused pass)."""
+def _total_norm(
+    names, grads, p: float, error_if_nonfinite: bool, backend, process_group=None, placements=None
+) -> torch.Tensor:
+    """float64 0-d global p-norm on the first gradient's device (one fused pass; all-reduce if sharded)."""
     spec = StatsSpec((p,), None)
+    plan = distributed.plan(names, grads, process_group, placements)
+    if plan is not None:
+        grads = plan.local
     raw = grad_stats_op(grads, spec, backend)
-    total = build_stats(names, grads, spec, raw, None).total_norm
+    if plan is not None and plan.communicate:
+        total = distributed.reduce_total_norm(raw, p, plan, [g.dtype for g in grads])
+    else:
+        total = build_stats(names, grads, spec, raw, None).total_norm
     if error_if_nonfinite and not bool(total.isfinite()):  # the one sync torch also makes
         raise _nonfinite_error(names, grads, raw, p)
     return total
@@ -90,6 +102,8 @@ def get_total_norm(
     foreach: bool | None = None,
     *,
     backend: str | None = None,
+    process_group=None,
+    placements: distributed.PlacementsArg = None,
 ) -> torch.Tensor:
     """The p-norm of all ``tensors`` as if concatenated into one vector.
 
@@ -97,6 +111,8 @@ def get_total_norm(
     promoted dtype of the tensors on the first tensor's device (as torch);
     ``torch.tensor(0.)`` for no tensors. Does not synchronise unless
     ``error_if_nonfinite`` (then raises ``RuntimeError`` naming the culprits).
+    ``process_group`` / ``placements``: the norm over all ranks' pieces, as in
+    :func:`fastgrad.grad_stats` (one all-reduce of 2 numbers when sharded).
     """
     p = parse_norm_type(norm_type)
     with torch.no_grad():
@@ -105,7 +121,7 @@ def get_total_norm(
             return torch.tensor(0.0)
         names = [f"[{i}]" for i in range(len(tensors))]
         check_grads(names, tensors)
-        total = _total_norm(names, tensors, p, error_if_nonfinite, backend)
+        total = _total_norm(names, tensors, p, error_if_nonfinite, backend, process_group, placements)
         return total.to(promoted_dtype(tensors))
 
 
@@ -136,7 +152,7 @@ def clip_grads_with_norm_(
         if not grads:
             return
         check_grads(names, grads)
-        scale_op_(grads, _coef(max_norm, total_norm), backend)
+        scale_op_(distributed.local_tensors(grads), _coef(max_norm, total_norm), backend)
 
 
 def clip_grad_norm_(
@@ -147,6 +163,8 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     backend: str | None = None,
+    process_group=None,
+    placements: distributed.PlacementsArg = None,
 ) -> torch.Tensor:
     """Clip the global gradient norm in place; return the norm before clipping.
 
@@ -155,7 +173,10 @@ def clip_grad_norm_(
     accumulation, returned in the gradients' promoted dtype like torch). One
     fused read for the norm, one read+write for the scaling, skipped on the
     device when the coefficient is 1. No host sync unless ``error_if_nonfinite``;
-    on any error nothing is modified.
+    on any error nothing is modified. DTensor gradients (FSDP2) or
+    ``process_group`` / ``placements`` (as in :func:`fastgrad.grad_stats`): the
+    norm of all ranks' pieces, counted once, from one all-reduce of 2 numbers
+    (two when p > 6 or float64 gradients); each rank scales its own pieces.
     """
     p = parse_norm_type(norm_type)
     _check_threshold(max_norm, "max_norm")
@@ -174,8 +195,8 @@ def clip_grad_norm_(
         if not grads:
             return torch.tensor(0.0)
         check_grads(names, grads)
-        total = _total_norm(names, grads, p, error_if_nonfinite, backend)
-        scale_op_(grads, _coef(max_norm, total), backend)
+        total = _total_norm(names, grads, p, error_if_nonfinite, backend, process_group, placements)
+        scale_op_(distributed.local_tensors(grads), _coef(max_norm, total), backend)
         return total.to(promoted_dtype(grads))
 
 
@@ -194,4 +215,4 @@ def clip_grad_value_(
         if not grads:
             return
         check_grads(names, grads)
-        clamp_op_(grads, clip_value, backend)
+        clamp_op_(distributed.local_tensors(grads), clip_value, backend)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import aggregate
+from . import aggregate, distributed
 from .collect import check_grads, collect
 from .ops import grad_stats_op
 from .spec import COUNT_NAMES, NAN, NEGINF, NUM_COUNTS, POSINF, ZERO, HistogramSpec, RawStats, StatsSpec, make_spec
@@ -236,11 +236,16 @@ def _segments(labels: list[str], device: torch.device) -> tuple[list[str], aggre
 
 def build_stats(
     names: Sequence[str], grads: Sequence[torch.Tensor], spec: StatsSpec, raw: RawStats,
-    labels: list[str] | None,
+    labels: list[str] | None, *, numel: torch.Tensor | None = None,
 ) -> GradStats:
-    """Wrap backend tables into a :class:`GradStats`, adding per-group rows if ``labels``."""
+    """Wrap backend tables into a :class:`GradStats`, adding per-group rows if ``labels``.
+
+    ``numel`` (int64 ``[T]`` on the tables' device) overrides ``g.numel()``: the
+    global counts after a cross-rank reduction.
+    """
     device = raw.floats.device
-    numel = torch.tensor([g.numel() for g in grads], dtype=torch.int64).to(device, non_blocking=True)
+    if numel is None:
+        numel = torch.tensor([g.numel() for g in grads], dtype=torch.int64).to(device, non_blocking=True)
     groups = None
     if labels is not None:
         gnames, seg = _segments(labels, device)
@@ -256,6 +261,8 @@ def grad_stats(
     norm_types: Sequence[float | str] | float | str = (2,),
     histogram: bool | HistogramSpec | tuple[int, int] = True,
     backend: str | None = None,
+    process_group=None,
+    placements: distributed.PlacementsArg = None,
 ) -> GradStats:
     """Every statistic of a set of gradients, from one read of each gradient.
 
@@ -273,6 +280,14 @@ def grad_stats(
             :class:`HistogramSpec` or ``(min_exp, max_exp)``.
         backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or None (auto;
             ``FASTGRAD_BACKEND`` overrides).
+        process_group: combine the statistics of sharded gradients across this
+            ``ProcessGroup`` or ``DeviceMesh`` (default: the mesh of DTensor gradients,
+            e.g. under FSDP2; none for plain tensors). Two small all-reduces, none
+            when nothing is sharded or the group has one rank; every rank must call.
+        placements: for plain tensors with ``process_group``: ``"shard"``,
+            ``"replicate"`` (default) or ``"duplicate"``, or a mapping / callable
+            ``name -> kind``; each logical parameter is counted once
+            (see :mod:`fastgrad.distributed`).
 
     Returns:
         :class:`GradStats` of device tensors. Per tensor ``x`` (float64 math,
@@ -287,5 +302,9 @@ def grad_stats(
     if groups is None and isinstance(tensors_or_params, torch.nn.Module):
         groups = "module"
     labels = group_labels(collected.names, groups)
-    raw = grad_stats_op(collected.grads, spec, backend)
-    return build_stats(collected.names, collected.grads, spec, raw, labels)
+    plan = distributed.plan(collected.names, collected.grads, process_group, placements)
+    if plan is None:
+        raw = grad_stats_op(collected.grads, spec, backend)
+        return build_stats(collected.names, collected.grads, spec, raw, labels)
+    raw, numel = distributed.reduce_raw(grad_stats_op(plan.local, spec, backend), spec, plan)
+    return build_stats(collected.names, collected.grads, spec, raw, labels, numel=numel)
