@@ -66,6 +66,7 @@ import torch
 from . import clip as _clip
 from .dispatch import scale_
 from .spec import parse_norm_type
+from .distributed import local_tensors
 from .stats import GradStats, grad_stats
 
 __all__ = ["FastgradOptimizer", "SpikeSkip", "StepStats", "attach", "detach", "wrap"]
@@ -226,8 +227,9 @@ class _Guard:
 
     def __init__(self, *, clipper: _clip.Clipper | None, norm_type: float, skip_nonfinite: bool,
                  spike_skip: SpikeSkip | None, model_names: dict[int, str] | None, monitor: Any,
-                 backend: str | None) -> None:
+                 backend: str | None, dist_kwargs: dict[str, Any] | None = None) -> None:
         self.clipper = clipper
+        self.dist_kwargs = dist_kwargs or {}  # process_group / placements for grad_stats
         self.norm_type = norm_type
         self.skip_nonfinite = skip_nonfinite
         self.spike_skip = spike_skip
@@ -278,7 +280,8 @@ class _Guard:
 
     # -- the statistics request -------------------------------------------------------------
     def _stats_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"norm_types": (self.norm_type,), "histogram": False, "backend": self.backend}
+        kw: dict[str, Any] = {"norm_types": (self.norm_type,), "histogram": False, "backend": self.backend,
+                              **self.dist_kwargs}
         req = self.monitor.stats_request() if self.monitor is not None else None
         if not req:
             return kw
@@ -375,7 +378,7 @@ class _Guard:
             return (s / coef).to(torch.float32)  # the fused kernels read grad_scale as float32
         factor = coef if inv is None else (inv if coef is None else coef * inv)
         if factor is not None:
-            scale_(plan.grads, factor, self.backend)
+            scale_(local_tensors(plan.grads), factor, self.backend)  # DTensor grads: scale own shards
         return None
 
     # -- after the step ---------------------------------------------------------------------
@@ -430,7 +433,7 @@ class _Guard:
 
 
 def _build_guard(optimizer: Any, *, max_norm, norm_type, clip_value, clipper, skip_nonfinite, spike_skip,
-                 model, monitor, backend, what: str) -> _Guard:
+                 model, monitor, backend, what: str, process_group=None, placements=None) -> _Guard:
     """Validate every argument (raising before anything is touched) and build the engine."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -486,7 +489,9 @@ def _build_guard(optimizer: Any, *, max_norm, norm_type, clip_value, clipper, sk
                 "pass the module the optimizer was built from, or model=None"
             )
     return _Guard(clipper=clipper, norm_type=p, skip_nonfinite=skip_nonfinite, spike_skip=spike_skip,
-                  model_names=model_names, monitor=monitor, backend=backend)
+                  model_names=model_names, monitor=monitor, backend=backend,
+                  dist_kwargs={k: v for k, v in (("process_group", process_group), ("placements", placements))
+                               if v is not None})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,6 +699,8 @@ def wrap(
     model: torch.nn.Module | None = None,
     monitor: Any = None,
     backend: str | None = None,
+    process_group: Any = None,
+    placements: Any = None,
 ) -> FastgradOptimizer:
     """Return ``optimizer`` wrapped so that every ``step()`` clips and guards, without extra passes or syncs.
 
@@ -715,6 +722,10 @@ def wrap(
             arguments for this step, merged into the one pass) and
             ``record(stats, clip_coef=, skipped=)`` (called after each step).
         backend: the :func:`grad_stats` backend (None = automatic).
+        process_group, placements: for sharded or replicated plain-tensor gradients, as in
+            :func:`fastgrad.grad_stats` (DTensor gradients, e.g. FSDP2, need neither: their
+            mesh is used); statistics and the clip coefficient are then global, and each
+            rank scales its own shards.
 
     Returns:
         A :class:`FastgradOptimizer`: a ``torch.optim.Optimizer`` sharing the wrapped optimizer's
@@ -725,7 +736,8 @@ def wrap(
     """
     guard = _build_guard(optimizer, max_norm=max_norm, norm_type=norm_type, clip_value=clip_value,
                          clipper=clipper, skip_nonfinite=skip_nonfinite, spike_skip=spike_skip, model=model,
-                         monitor=monitor, backend=backend, what="wrap")
+                         monitor=monitor, backend=backend, what="wrap", process_group=process_group,
+                         placements=placements)
     return FastgradOptimizer(optimizer, guard)
 
 
@@ -852,6 +864,8 @@ def attach(
     model: torch.nn.Module | None = None,
     monitor: Any = None,
     backend: str | None = None,
+    process_group: Any = None,
+    placements: Any = None,
 ) -> Attachment:
     """Give ``optimizer`` what :func:`wrap` gives, in place, through step pre/post hooks.
 
@@ -865,7 +879,8 @@ def attach(
     """
     guard = _build_guard(optimizer, max_norm=max_norm, norm_type=norm_type, clip_value=clip_value,
                          clipper=clipper, skip_nonfinite=skip_nonfinite, spike_skip=spike_skip, model=model,
-                         monitor=monitor, backend=backend, what="attach")
+                         monitor=monitor, backend=backend, what="attach", process_group=process_group,
+                         placements=placements)
     return Attachment(optimizer, guard)
 
 

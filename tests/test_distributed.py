@@ -189,6 +189,31 @@ def scenario_fsdp(rank: int, world: int) -> None:
     _train(model, opt, rank, world, 3, check)
 
 
+def scenario_fsdp_wrap(rank: int, world: int) -> None:
+    """fastgrad.wrap on an FSDP2 model clips by the global norm, like clip_grad_norm_ + step unsharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = _model()
+    for layer in model:
+        if isinstance(layer, (torch.nn.Linear, torch.nn.LayerNorm)):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = fastgrad.wrap(torch.optim.SGD(model.parameters(), lr=0.5), max_norm=MAX_NORM, model=model)
+    totals = []
+
+    def check(model, ref, ref_stats, ref_total):
+        if opt.last_stats is not None:
+            totals.append(opt.last_stats.total_norm.item())
+        totals.append(ref_total.item())  # pairs: (previous step's wrapped total, this step's reference)
+
+    _train(model, opt, rank, world, 3, check)  # asserts the trained parameters match
+    assert opt.last_stats.total_norm.item() == pytest.approx(totals[-1], rel=TOL)
+    for got, want in zip(totals[1::2], totals[0::2]):
+        assert got == pytest.approx(want, rel=TOL)
+
+
 def _manual_tensors(rank: int, world: int, dtype: torch.dtype):
     """A TP-style layout: row-split weight, replicated bias, tied embedding owned by rank 0."""
     w = make_tensor(9 * 6, dtype, "wide", seed=1).reshape(9, 6)  # 9 rows: uneven pieces
@@ -372,6 +397,7 @@ def scenario_tensor_parallel(rank: int, world: int) -> None:
 SCENARIOS = {
     "ddp": scenario_ddp,
     "fsdp": scenario_fsdp,
+    "fsdp_wrap": scenario_fsdp_wrap,
     "placements": scenario_placements,
     "dtensor_2d": scenario_dtensor_2d,
     "tensor_parallel": scenario_tensor_parallel,
@@ -381,7 +407,7 @@ SCENARIOS = {
 # -- tests ----------------------------------------------------------------------------------------
 
 def test_two_ranks(tmp_path):
-    _spawn(2, tmp_path, ["ddp", "fsdp", "placements"])
+    _spawn(2, tmp_path, ["ddp", "fsdp", "fsdp_wrap", "placements"])
 
 
 def test_four_ranks(tmp_path):
