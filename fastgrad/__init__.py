@@ -12,6 +12,10 @@ from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_,
 from .spec import HistogramSpec, StatsSpec
 from .stats import GradStats, grad_stats
 from .backends import BACKEND_NAMES, get_backend
+from .optim import wrap, attach, detach
+from . import clip
+from .monitor import GradMonitor
+from .detectors import Finding
 
 __version__ = "0.1.0"
 
@@ -26,6 +30,8 @@ def available_backends(device: str = "cpu", dtype=None) -> dict[str, str | None]
 
 
 __all__ = [
+    "GradMonitor",
+    "Finding",
     "GradStats",
     "HistogramSpec",
     "StatsSpec",
@@ -35,4 +41,8 @@ __all__ = [
     "clip_grads_with_norm_",
     "get_total_norm",
     "grad_stats",
+    "wrap",
+    "attach",
+    "detach",
+    "clip",
 ]

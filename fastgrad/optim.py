@@ -476,6 +476,11 @@ def _build_guard(optimizer: Any, *, max_norm, norm_type, clip_value, clipper, sk
         raise TypeError("monitor must have stats_request() and record(stats, clip_coef=..., skipped=...) methods "
                         f"(e.g. fastgrad.GradMonitor), got {type(monitor).__name__}")
     model_names = None
+    if model is None and isinstance(getattr(monitor, "model", None), torch.nn.Module):
+        # a GradMonitor knows the module: use its names (layers, not [i]) if it holds every parameter
+        known = {id(q) for q in monitor.model.parameters()}
+        if all(id(q) in known for g in optimizer.param_groups for q in g["params"]):
+            model = monitor.model
     if model is not None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -717,7 +722,7 @@ def wrap(
             ``nonfinite_names()`` / ``last_stats.nonfinite_names()``).
         spike_skip: True or a :class:`SpikeSkip` to also skip steps whose norm is a z-score outlier.
         model: the module the parameters belong to, for parameter names (must contain every
-            parameter of the optimizer).
+            parameter of the optimizer); defaults to ``monitor.model`` when the monitor has one.
         monitor: an object with ``stats_request()`` (None or extra :func:`grad_stats` keyword
             arguments for this step, merged into the one pass) and
             ``record(stats, clip_coef=, skipped=)`` (called after each step).
