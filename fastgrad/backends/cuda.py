@@ -90,6 +90,8 @@ class CudaBackend:
     def why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cuda":
             return "it runs on CUDA tensors only"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
         if _cuda is None:
             return LOAD_ERROR
         if dtype not in DTYPE_CODES:

@@ -66,6 +66,8 @@ class TritonBackend:
         if k.INTERPRETED:
             # The interpreter dereferences the pointer table on the host.
             return "TRITON_INTERPRET=1 was set when its kernels were built: they only run on CPU tensors"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
         return None
 
     def stats(self, tensors, spec):
