@@ -200,6 +200,20 @@ def _accumulate(raw, m, acc, mx, hist, k, p, DTYPE: tl.constexpr, IS_F64: tl.con
 
 
 @triton.jit
+def _program_chunk(ptr_table, numels, chunk_row, chunk_start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    """This program's chunk: a typed pointer to its first element and its length (int32)."""
+    w = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunk_row + w)
+    start = tl.load(chunk_start + w)
+    n = tl.minimum(tl.load(numels + row) - start, CHUNK).to(tl.int32)  # int32: lets loads vectorise
+    base = tl.load(ptr_table + row).to(tl.pointer_type(DTYPE)) + start
+    if ALIGNED:  # every pointer of the launch is 16-byte aligned: 128-bit loads
+        base = tl.multiple_of(base, 16)
+    return base, n
+
+
+@triton.jit
 def _stats_chunk_kernel(
     ptr_table,  # int64 [T]: data pointers, by output row
     numels,  # int64 [T]
@@ -222,12 +236,7 @@ def _stats_chunk_kernel(
     NSLOTS: tl.constexpr,
 ):
     w = tl.program_id(0).to(tl.int64)
-    row = tl.load(chunk_row + w)
-    start = tl.load(chunk_start + w)
-    n = tl.minimum(tl.load(numels + row) - start, CHUNK).to(tl.int32)  # int32: lets loads vectorise
-    base = tl.load(ptr_table + row).to(tl.pointer_type(DTYPE)) + start
-    if ALIGNED:  # every pointer of the launch is 16-byte aligned: 128-bit loads
-        base = tl.multiple_of(base, 16)
+    base, n = _program_chunk(ptr_table, numels, chunk_row, chunk_start, DTYPE, ALIGNED, CHUNK)
     p = tl.load(ps + tl.arange(0, NPP))[:, None]
     lanes = tl.arange(0, BLOCK)
 
@@ -362,13 +371,7 @@ def _scale_kernel(
     # Decided here, on the device: coef == 1 must write nothing, and reading
     # it on the host would synchronise.
     if coef != 1.0:
-        w = tl.program_id(0).to(tl.int64)
-        row = tl.load(chunk_row + w)
-        start = tl.load(chunk_start + w)
-        n = tl.minimum(tl.load(numels + row) - start, CHUNK).to(tl.int32)  # int32: lets loads vectorise
-        base = tl.load(ptr_table + row).to(tl.pointer_type(DTYPE)) + start
-        if ALIGNED:
-            base = tl.multiple_of(base, 16)
+        base, n = _program_chunk(ptr_table, numels, chunk_row, chunk_start, DTYPE, ALIGNED, CHUNK)
         lanes = tl.arange(0, BLOCK)
         cf = coef.to(tl.float32)
         n_full = n // BLOCK * BLOCK
@@ -411,13 +414,7 @@ def _clamp_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    w = tl.program_id(0).to(tl.int64)
-    row = tl.load(chunk_row + w)
-    start = tl.load(chunk_start + w)
-    n = tl.minimum(tl.load(numels + row) - start, CHUNK).to(tl.int32)  # int32: lets loads vectorise
-    base = tl.load(ptr_table + row).to(tl.pointer_type(DTYPE)) + start
-    if ALIGNED:
-        base = tl.multiple_of(base, 16)
+    base, n = _program_chunk(ptr_table, numels, chunk_row, chunk_start, DTYPE, ALIGNED, CHUNK)
     lo = tl.load(ptr_table + bounds_at).to(tl.float64, bitcast=True)
     hi = tl.load(ptr_table + bounds_at + 1).to(tl.float64, bitcast=True)
     lanes = tl.arange(0, BLOCK)
