@@ -59,8 +59,17 @@ def _(grads, clip_value, backend):
     return None
 
 
+# In eager mode the dispatcher is called directly: going through the custom op
+# costs a few microseconds per call plus ~0.4 us per tensor (list unpacking and
+# alias checks), which is a third of the whole call for 10,000 small tensors.
+# Under torch.compile (and for opcheck) the ops above are what gets traced.
+_compiling = torch.compiler.is_compiling
+
+
 def grad_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None) -> RawStats:
     """Run ``fastgrad::grad_stats`` for ``spec`` (the one entry point of the API layer)."""
+    if not _compiling():
+        return dispatch.compute_stats(grads, spec, backend or None)
     h = spec.histogram
     floats, counts = torch.ops.fastgrad.grad_stats(
         list(grads), [float(p) for p in spec.finite_norms], h is not None,
@@ -70,8 +79,12 @@ def grad_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str |
 
 
 def scale_op_(grads: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | None) -> None:
+    if not _compiling():
+        return dispatch.scale_(grads, coef, backend or None)
     torch.ops.fastgrad.scale_(list(grads), coef, backend or "")
 
 
 def clamp_op_(grads: Sequence[torch.Tensor], clip_value: float, backend: str | None) -> None:
+    if not _compiling():
+        return dispatch.clamp_(grads, clip_value, backend or None)
     torch.ops.fastgrad.clamp_(list(grads), clip_value, backend or "")
