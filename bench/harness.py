@@ -40,7 +40,7 @@ def nbytes(tensors: Sequence[torch.Tensor]) -> int:
 def sum_bandwidth(device: str = "cpu", numel: int = 50_000_000) -> float:
     """GB/s of ``x.sum()`` over a float32 tensor: the read-bandwidth yardstick of this run."""
     x = torch.randn(numel, device=device)
-    t = timeit(lambda: x.sum(), reps=10, device=device)
+    t = timeit(lambda: x.sum(), reps=30, device=device)
     return x.numel() * 4 / t / 1e9
 
 
