@@ -1,4 +1,9 @@
-"""Quick correctness + speed check of the CPU kernel against the reference (developer tool)."""
+"""Kernel-development loop: exactness against the reference on nasty inputs, then 1e8-element timings.
+
+    python bench/cpu_kernel_quick.py
+
+For the full benchmark tables use bench/cpu_stats.py.
+"""
 import time
 
 import torch
