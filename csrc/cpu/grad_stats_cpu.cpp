@@ -427,6 +427,7 @@ struct Job {
   bool hist;
   int ncounts;  // columns of the counts table
   int nnorm;    // partial doubles per item: 2 per p, then maxabs
+  int16_t key_col[kNumKeys];  // counts-table column of each key (-1: not counted)
 };
 
 struct Item {
@@ -465,13 +466,15 @@ void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart)
     }
   });
 
+  // Fold the key tables (a vectorised sum: small tensors pay this per item),
+  // then map the few non-zero keys to their columns through the job's table.
+  alignas(64) uint32_t total[kNumKeys];
+  for (int k = 0; k < kNumKeys; ++k) total[k] = keys[k];
+  for (int t = 1; t < kKeyTables; ++t)
+    for (int k = 0; k < kNumKeys; ++k) total[k] += keys[t * kKeyStride + k];
   for (int c = 0; c < job.ncounts; ++c) cpart[c] = 0;
-  for (int k = 0; k < kNumKeys; ++k) {
-    int64_t total = 0;
-    for (int t = 0; t < kKeyTables; ++t) total += keys[t * kKeyStride + k];
-    if (k >= kExpKeys) cpart[k - kExpKeys] = total;
-    else if (job.hist) cpart[kNumCounts + bin_of_key(k, job.min_exp, job.num_bins)] += total;
-  }
+  for (int k = 0; k < kNumKeys; ++k)
+    if (total[k] && job.key_col[k] >= 0) cpart[job.key_col[k]] += total[k];
 
   const bool has_nan = cpart[kNan] > 0;
   const bool has_inf = cpart[kPosInf] + cpart[kNegInf] > 0;
@@ -558,6 +561,9 @@ void grad_stats_cpu(const std::vector<TensorDesc>& descs, const std::vector<doub
   Job job{&descs, &ps, min_exp, max_exp - min_exp + 2, hist, 0, 0};
   job.ncounts = kNumCounts + (hist ? job.num_bins : 0);
   job.nnorm = int(2 * ps.size() + 1);
+  for (int k = 0; k < kNumKeys; ++k)
+    job.key_col[k] = int16_t(k >= kExpKeys ? k - kExpKeys
+                                           : (hist ? kNumCounts + bin_of_key(k, min_exp, job.num_bins) : -1));
 
   std::vector<Item> items;
   std::vector<int64_t> first_item(T + 1);
