@@ -5,6 +5,8 @@ Public API:
     clip_grad_norm_, clip_grad_value_, get_total_norm, clip_grads_with_norm_
                                       drop-in replacements for torch.nn.utils'
     HistogramSpec                     the power-of-two magnitude bins
+    wrap, attach, detach, clip        clipping and step guarding folded into the optimizer step
+    GradMonitor, Finding              per-layer monitoring, detectors, loggers (fastgrad.loggers)
     available_backends()              which backends can run here, and why not
 """
 
