@@ -245,7 +245,11 @@ def build_stats(
     """
     device = raw.floats.device
     if numel is None:
-        numel = torch.tensor([g.numel() for g in grads], dtype=torch.int64).to(device, non_blocking=True)
+        numel = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
+        if device.type == "cuda":  # pinned: a pageable host->device copy would wait for the stream
+            numel = numel.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            numel = numel.to(device)
     groups = None
     if labels is not None:
         gnames, seg = _segments(labels, device)
