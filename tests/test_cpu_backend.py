@@ -118,6 +118,25 @@ def test_1e8_elements_accuracy():
     assert abs(got_big.item() / (exact.item() * 1e30) - 1) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_squares_summed_in_float(dtype):
+    """16-bit squares are summed in float before double: within 1e-6 also where they leave float's range."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300_000, generator=g, dtype=torch.float64)
+    ts = [x.to(dtype)]
+    if dtype == torch.bfloat16:
+        ts += [(x * 1e30).to(dtype),  # squares overflow float: those blocks are summed again in double
+               (x * 2.0**-70).to(dtype),  # squares underflow float
+               # a block whose largest value is just above the re-sum threshold, the rest subnormal when squared
+               torch.cat([torch.full((1,), 2.0**-39), x[:5000] * 2.0**-70]).to(dtype)]
+    spec = make_spec((2.0,), False)  # no p = 1: the float-squares path
+    got, want = CPU.stats(ts, spec), stats_reference(ts, spec)
+    assert_raw_close(got, want, rel=1e-6)
+    # the bound is 14 float roundings per run of 15 squares; random rounding errors stay far below it
+    err = ((got.floats[:, 0] - want.floats[:, 0]).abs() / want.floats[:, 0]).max().item()
+    assert err < 1e-7, err
+
+
 # -- in-place ops ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -23,15 +23,21 @@
 // for float32/16 inputs. Float64 chunks whose sum over/underflowed, and every
 // p other than 1 and 2, are re-read (the chunk is still in cache) as
 // s = sum (|x| / m)^p with m a power of two near the chunk's max|x|.
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "tensor_view.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace fastgrad {
 
@@ -146,6 +152,13 @@ inline u32x16 load_bits(const float* p) {
 // Interleaving with zeros is one permute; __builtin_convertvector to u32x16
 // would be split into 128-bit pieces by GCC and make the hot loop ~20% slower.
 inline u32x16 load_high_halves(const uint16_t* p) {
+#if defined(__AVX512F__)
+  // A zero-extending load and a shift: cheaper than the general permute below.
+  u32x16 u;
+  const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
+  std::memcpy(&u, &w, sizeof(u));
+  return u;
+#else
   typedef uint16_t u16x32 __attribute__((vector_size(64)));
   u16x16 h;
   std::memcpy(&h, p, sizeof(h));
@@ -156,6 +169,7 @@ inline u32x16 load_high_halves(const uint16_t* p) {
   u32x16 u;
   std::memcpy(&u, &w, sizeof(u));
   return u;
+#endif
 }
 inline u32x16 load_bits(const BF16* p) { return load_high_halves(&p->bits); }
 // f16_to_float on 16 lanes.
@@ -181,33 +195,37 @@ inline u32x16 load_bits(const F16* p) {
 constexpr int kWin = 32;
 constexpr int kNibbleCounters = kWin / 8;
 constexpr int kNibbleRun = 15;
+// The bit that counts exponent e in its counter's field: 1 << 4 (e % 8), by e % 16.
+constexpr u32x16 kFieldBit = {1u << 0, 1u << 4, 1u << 8, 1u << 12, 1u << 16, 1u << 20, 1u << 24, 1u << 28,
+                              1u << 0, 1u << 4, 1u << 8, 1u << 12, 1u << 16, 1u << 20, 1u << 24, 1u << 28};
 static_assert(kWin % 8 == 0 && kBlock / 16 <= 255, "counter fields would overflow");
 
 // Where the window sits only affects speed: values outside it are found by
 // a second look at the block. It starts where the thread's previous chunk
 // left it and, once enough values have been missed, moves to the kWin keys
-// with the most counts so far in the chunk.
+// with the most counts so far in the chunk. The base is a multiple of 8, so
+// that a value's counter is simply its exponent's upper bits (block_pass),
+// and lies in [8, 216]: the window never holds key 0 (zeros, subnormals) or
+// 255 (Inf, NaN).
+constexpr int kMinBase = 8, kMaxBase = 254 - kWin - (254 - kWin) % 8;
+static_assert(kMaxBase + kWin <= 255 && kMaxBase % 8 == 0, "window would reach Inf/NaN");
 struct Window {
-  int base = 127 - kWin / 2;  // around 1.0 until some data has been seen
+  int base = 128 - kWin / 2;  // around 1.0 until some data has been seen
   int64_t missed = 0;          // since the last move
   void refit(const uint32_t* keys) {
     missed = 0;
-    uint32_t count[kExpKeys] = {};
+    uint64_t count[kExpKeys] = {};
     for (int t = 0; t < kKeyTables; ++t)
       for (int k = 0; k < kExpKeys; ++k) count[k] += keys[t * kKeyStride + k];
-    // Candidates [b, b + kWin) within the finite normal-float keys [1, 254].
     uint64_t best = 0;
     for (int k = base; k < base + kWin; ++k) best += count[k];
-    uint64_t cur = 0;
-    for (int k = 1; k < 1 + kWin; ++k) cur += count[k];
-    for (int b = 1;; ++b) {
+    for (int b = kMinBase; b <= kMaxBase; b += 8) {
+      uint64_t cur = 0;
+      for (int k = b; k < b + kWin; ++k) cur += count[k];
       if (cur > best) {
         best = cur;
         base = b;
       }
-      if (b + kWin > 254) break;
-      cur += count[b + kWin];
-      cur -= count[b];
     }
   }
 };
@@ -219,50 +237,118 @@ inline int32_t lane_or(const i32x16& v) {
   return s;
 }
 
-inline uint32_t lane_sum(const u32x16& v) {
-  uint32_t s = 0;
-  for (int l = 0; l < 16; ++l) s += v[l];
-  return s;
+inline uint32_t lane_sum(u32x16 v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return v[0] + v[1];
 }
 
-// In: float, BF16 or F16.
-template <bool kHist, typename In>
+// Lane sums of 16 vectors at once. One step halves the lanes each input
+// vector's partial sums occupy (groups of S lanes become groups of S / 2) and
+// pairs up the vectors: lanes of x's and y's first halves plus those of their
+// second halves. After four steps lane L holds the sum of v[bit_reverse(L)].
+constexpr int lo_lane(int S, int L) { return L % S < S / 2 ? L : 16 + L - S / 2; }
+constexpr int hi_lane(int S, int L) { return L % S < S / 2 ? L + S / 2 : 16 + L; }
+template <int S, size_t... L>
+inline u32x16 pair_step(u32x16 x, u32x16 y, std::index_sequence<L...>) {
+  return __builtin_shufflevector(x, y, lo_lane(S, L)...) + __builtin_shufflevector(x, y, hi_lane(S, L)...);
+}
+inline u32x16 lane_sums16(const u32x16 (&v)[16]) {
+  constexpr auto I = std::make_index_sequence<16>{};
+  u32x16 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k) a[k] = pair_step<16>(v[2 * k], v[2 * k + 1], I);
+  for (int k = 0; k < 4; ++k) b[k] = pair_step<8>(a[2 * k], a[2 * k + 1], I);
+  for (int k = 0; k < 2; ++k) c[k] = pair_step<4>(b[2 * k], b[2 * k + 1], I);
+  return pair_step<2>(c[0], c[1], I);
+}
+constexpr int bit_reverse4(int L) { return ((L & 1) << 3) | ((L & 2) << 1) | ((L & 4) >> 1) | ((L & 8) >> 3); }
+
+// An item's window counts between blocks: 16-bit fields, two per lane, so
+// that the horizontal sums happen once per item (or window move), not per
+// block. v[4 c + 2 h + k] holds, in its low / high 16 bits, exponent
+// base + 8 c + 2 k + h / that + 4 (from byte vector 2 c + h, its even (k = 0)
+// or odd (k = 1) bytes). A field gains at most one per 16 elements, so an
+// item of at most kChunk elements cannot overflow it.
+struct WideCounts {
+  u32x16 v[4 * kNibbleCounters] = {};
+  void flush(uint32_t* keys, int base) {
+    u32x16 lo[16], hi[16];
+    for (int j = 0; j < 16; ++j) {
+      lo[j] = v[j] & 0xffffu;
+      hi[j] = v[j] >> 16;
+      v[j] = u32x16{};
+    }
+    const u32x16 slo = lane_sums16(lo), shi = lane_sums16(hi);
+    for (int L = 0; L < 16; ++L) {
+      const int j = bit_reverse4(L), c = j / 4, h = (j / 2) % 2, k = j % 2;
+      uint32_t* key = keys + base + 8 * c + 2 * k + h;
+      key[0] += slo[L];
+      key[4] += shi[L];
+    }
+  }
+};
+static_assert(kChunk / 16 < 65536 && 4 * kNibbleCounters == 16, "WideCounts layout");
+
+// In: float, BF16 or F16. kS1: also sum |x| (only p = 1 needs it).
+template <bool kHist, bool kS1, typename In>
 inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys,
-                       Window& win) {
+                       Window& win, WideCounts& wide) {
   const int64_t nv = n & ~int64_t(15);
+  // The square of a 16-bit float is exact in float, so for 16-bit input (and
+  // no sum |x|) the squares of each run are summed in float lanes, 15 terms
+  // each, then added in double: at most 14 roundings of 2^-24 each
+  // (< 1e-6 relative, < 5e-7 on the norm), and a third of the vector work.
+  // Blocks whose squares could leave float's range are summed again in
+  // double (see below).
+  constexpr bool kFloatSquares = !std::is_same_v<In, float> && !kS1;
   f64x8 s1a = {}, s1b = {}, s2a = {}, s2b = {};
   f32x16 mx = {};
   i32x16 c_zero = {};  // n <= kBlock: int32 is enough
   u32x16 bytes[2 * kNibbleCounters] = {};
-  const int32_t base4 = 4 * win.base;
-  const u32x16 one = u32x16{} + 1u;
+  const uint32_t first = uint32_t(win.base) / 8;  // exponent / 8 of counter 0's exponents
+  auto add_double = [](f64x8& a, f64x8& b, const f32x16& v) {
+    // Converted as one 16-lane vector: GCC splits an 8-lane half's conversion
+    // into 128-bit pieces.
+    const f64x16 d = __builtin_convertvector(v, f64x16);
+    a += __builtin_shufflevector(d, d, 0, 1, 2, 3, 4, 5, 6, 7);
+    b += __builtin_shufflevector(d, d, 8, 9, 10, 11, 12, 13, 14, 15);
+  };
   for (int64_t i = 0; i < nv;) {
     u32x16 nib[kNibbleCounters] = {};
+    f32x16 sq = {};
     const int64_t run_end = std::min(nv, i + 16 * kNibbleRun);
     for (; i < run_end; i += 16) {
       const u32x16 au = load_bits(x + i) & 0x7fffffffu;
       f32x16 a;
       std::memcpy(&a, &au, sizeof(a));
-      // Converted as one 16-lane vector: GCC splits an 8-lane half's conversion
-      // into 128-bit pieces.
-      const f64x16 ad = __builtin_convertvector(a, f64x16);
-      const f64x8 lo = __builtin_shufflevector(ad, ad, 0, 1, 2, 3, 4, 5, 6, 7);
-      const f64x8 hi = __builtin_shufflevector(ad, ad, 8, 9, 10, 11, 12, 13, 14, 15);
-      s1a += lo;
-      s1b += hi;
-      s2a += lo * lo;
-      s2b += hi * hi;
+      if constexpr (kFloatSquares) {
+        sq += a * a;
+      } else {
+        const f64x16 ad = __builtin_convertvector(a, f64x16);
+        const f64x8 lo = __builtin_shufflevector(ad, ad, 0, 1, 2, 3, 4, 5, 6, 7);
+        const f64x8 hi = __builtin_shufflevector(ad, ad, 8, 9, 10, 11, 12, 13, 14, 15);
+        if constexpr (kS1) {
+          s1a += lo;
+          s1b += hi;
+        }
+        s2a += lo * lo;
+        s2b += hi * hi;
+      }
       mx = a > mx ? a : mx;  // NaN compares false: max over non-NaN values
       c_zero = au == 0u ? c_zero + 1 : c_zero;
       if constexpr (kHist) {
-        // d4 = 4 * (exponent - base): field (d4 & 31) / 4 of counter d4 / 32,
-        // which is none of them outside the window (also for zeros, NaN, Inf).
-        const i32x16 d4 = (i32x16)((au >> 21) & 0x3fcu) - base4;
-        const u32x16 bit = one << (u32x16)(d4 & 28);
-        const i32x16 j = d4 >> 5;
-        for (int c = 0; c < kNibbleCounters; ++c) nib[c] = j == c ? nib[c] + bit : nib[c];
+        // Exponent e = au >> 23 goes to field e % 8 (bits 4 (e % 8) and up) of
+        // counter e / 8 - base / 8, which is none of them outside the window
+        // (also for zeros, subnormals, NaN and Inf, see Window).
+        // The field's bit comes from a 16-entry table indexed by the exponent's low
+        // 4 bits (one permute instead of mask-and-shift).
+        const u32x16 bit = __builtin_shuffle(kFieldBit, au >> 23);
+        const u32x16 e8 = au >> 26;
+        for (int c = 0; c < kNibbleCounters; ++c) nib[c] = e8 == first + c ? nib[c] + bit : nib[c];
       }
     }
+    if constexpr (kFloatSquares) add_double(s2a, s2b, sq);
     if constexpr (kHist) {
       for (int c = 0; c < kNibbleCounters; ++c) {
         bytes[2 * c] += nib[c] & 0x0f0f0f0fu;
@@ -270,20 +356,31 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
       }
     }
   }
-  double s1 = 0, s2 = 0, m = acc.maxabs;
+  double s1 = 0, s2 = 0, block_max = 0;
   for (int l = 0; l < 8; ++l) {
     s1 += s1a[l] + s1b[l];
     s2 += s2a[l] + s2b[l];
   }
   int64_t zeros = 0;
   for (int l = 0; l < 16; ++l) {
-    m = std::max(m, double(mx[l]));
+    block_max = std::max(block_max, double(mx[l]));
     zeros += c_zero[l];
   }
+  const double m = std::max(acc.maxabs, block_max);
+  // bfloat16 squares (float16's never do): a run's float sum can overflow
+  // once |x| >= 2^62, and values below 2^-63 square to subnormals, which
+  // only matters if nothing much larger is in the block.
+  if (kFloatSquares && (block_max >= 0x1p62 || (block_max > 0 && block_max < 0x1p-40))) {
+    s2 = 0;
+    for (int64_t i = 0; i < nv; ++i) {
+      const double a = double(value(x[i]));
+      s2 += a * a;
+    }
+  }
   keys[kExpKeys + kZero] += uint32_t(zeros);
-  // Finite floats cannot overflow a double sum: a NaN or Inf shows in s1.
+  // Finite floats cannot overflow a double sum: a NaN or Inf shows in s2.
   int64_t nonfinite = 0;
-  if (!std::isfinite(s1)) {
+  if (!std::isfinite(s2)) {
     for (int64_t i = 0; i < nv; ++i) {
       const int k = key_of(value(x[i]));
       if (k >= kExpKeys && k != kExpKeys + kZero) {
@@ -293,18 +390,16 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
     }
   }
   if constexpr (kHist) {
-    int64_t in_window = 0;
+    // Into the item's wide counters (WideCounts); the block's total in the
+    // window needs just one horizontal sum.
+    u32x16 in_win = {};
     for (int b = 0; b < 2 * kNibbleCounters; ++b) {
-      // Byte f of bytes[b] holds exponent base + 8 (b / 2) + 2 f + b % 2.
-      const uint32_t even = lane_sum(bytes[b] & 0x00ff00ffu);  // bytes 0, 2 in 16-bit halves
-      const uint32_t odd = lane_sum((bytes[b] >> 8) & 0x00ff00ffu);  // bytes 1, 3
-      uint32_t* k = keys + win.base + 8 * (b / 2) + b % 2;
-      k[0] += even & 0xffffu;
-      k[4] += even >> 16;
-      k[2] += odd & 0xffffu;
-      k[6] += odd >> 16;
-      in_window += (even & 0xffffu) + (even >> 16) + (odd & 0xffffu) + (odd >> 16);
+      const u32x16 even = bytes[b] & 0x00ff00ffu, odd = (bytes[b] >> 8) & 0x00ff00ffu;
+      wide.v[2 * b] += even;
+      wide.v[2 * b + 1] += odd;
+      in_win += even + odd;
     }
+    const int64_t in_window = lane_sum((in_win & 0xffffu) + (in_win >> 16));
     const int64_t missed = nv - zeros - nonfinite - in_window;
     if (missed > 0) {
       // Outside the window: finite, non-zero and an exponent e not in it.
@@ -340,7 +435,10 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
         }
       }
       win.missed += missed;
-      if (win.missed * 32 >= kBlock) win.refit(keys);
+      if (win.missed * 32 >= kBlock) {
+        wide.flush(keys, win.base);
+        win.refit(keys);
+      }
     }
   }
   acc.s1 += s1;
@@ -349,9 +447,9 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
   block_pass_scalar(x + nv, n - nv, acc, keys);
 }
 
-template <bool kHist>
+template <bool kHist, bool kS1>
 inline void block_pass(const double* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys,
-                       Window&) {
+                       Window&, WideCounts&) {
   block_pass_scalar<double>(x, n, acc, keys);
 }
 
@@ -425,6 +523,7 @@ struct Job {
   const std::vector<double>* ps;
   int min_exp, num_bins;
   bool hist;
+  bool s1;      // some p is 1: block passes also sum |x|
   int ncounts;  // columns of the counts table
   int nnorm;    // partial doubles per item: 2 per p, then maxabs
   int16_t key_col[kNumKeys];  // counts-table column of each key (-1: not counted)
@@ -443,10 +542,16 @@ void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart)
   alignas(64) uint32_t keys[kKeyTables * kKeyStride] = {};
   BlockAcc acc;
   static thread_local Window win;
+  WideCounts wide;
 
   auto pass = [&](const auto* x, int64_t n) {
-    if (job.hist) block_pass<true>(x, n, acc, keys, win);
-    else block_pass<false>(x, n, acc, keys, win);
+    if (job.hist) {
+      if (job.s1) block_pass<true, true>(x, n, acc, keys, win, wide);
+      else block_pass<true, false>(x, n, acc, keys, win, wide);
+    } else {
+      if (job.s1) block_pass<false, true>(x, n, acc, keys, win, wide);
+      else block_pass<false, false>(x, n, acc, keys, win, wide);
+    }
   };
   for_each_row(d, it.begin, it.end, [&](int64_t off, int64_t n, int64_t st) {
     for (int64_t i = 0; i < n; i += kBlock) {
@@ -465,6 +570,7 @@ void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart)
       pass(load<C>(d, o, m, st, buf), m);
     }
   });
+  if (job.hist) wide.flush(keys, win.base);
 
   // Fold the key tables (a vectorised sum: small tensors pay this per item),
   // then map the few non-zero keys to their columns through the job's table.
@@ -558,7 +664,8 @@ std::vector<TensorDesc> make_descs(const std::vector<int64_t>& ptrs, const std::
 void grad_stats_cpu(const std::vector<TensorDesc>& descs, const std::vector<double>& ps, bool hist,
                     int min_exp, int max_exp, double* out_floats, int64_t* out_counts, int num_threads) {
   const int64_t T = int64_t(descs.size());
-  Job job{&descs, &ps, min_exp, max_exp - min_exp + 2, hist, 0, 0};
+  Job job{&descs, &ps, min_exp, max_exp - min_exp + 2, hist, false, 0, 0};
+  job.s1 = std::find(ps.begin(), ps.end(), 1.0) != ps.end();
   job.ncounts = kNumCounts + (hist ? job.num_bins : 0);
   job.nnorm = int(2 * ps.size() + 1);
   for (int k = 0; k < kNumKeys; ++k)
