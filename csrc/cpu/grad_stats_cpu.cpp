@@ -9,14 +9,16 @@
 // is ever combined in a thread-dependent order, so the results are bitwise
 // identical run to run and for any thread count.
 //
-// Inside a chunk, blocks of kBlock elements are read in place when they
-// are contiguous (bfloat16 and float16 are widened to float as they are
-// loaded), otherwise first gathered and converted to float (or double for
-// float64 input) in an L1-resident buffer. One vectorised loop accumulates
-// sum|x| and sum x^2 in double, max|x|, the zero count and, for the
-// histogram, the exponents that fall in a window of kWin adjacent exponents,
-// as packed counters in registers (see block_pass). The rare values outside the
-// window, NaN and Inf are counted by scalar code afterwards.
+// Inside a chunk, blocks of contiguous values (up to kInPlaceBlock) are read
+// in place (bfloat16 and float16 are widened to float as they are loaded);
+// other views are first gathered and converted to float (or double for
+// float64 input) in an L1-resident buffer of kBlock values. One vectorised
+// loop accumulates sum x^2 in double (for 16-bit input: runs of exact float
+// squares, then double), sum |x| when p = 1 is asked, max|x|, the zero count
+// and, for the histogram, the exponents that fall in a window of kWin
+// adjacent exponents, as packed counters in registers (see block_pass). The
+// rare values outside the window, NaN and Inf are counted by scalar code
+// afterwards.
 //
 // Norm partials are pairs (s, m) meaning norm^p = m^p * s. The fast path
 // has m = 1 and s = sum |x|^p in double, which cannot overflow or underflow
@@ -44,7 +46,8 @@ namespace fastgrad {
 namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;
-constexpr int64_t kBlock = 2048;
+constexpr int64_t kBlock = 2048;         // gathered / converted into a buffer of this size
+constexpr int64_t kInPlaceBlock = 3840;  // read in place: 16 runs of the histogram's nibble counters
 constexpr int kNumCounts = 4;                       // columns of the counts table before the bins:
 enum Count { kNan = 0, kPosInf, kNegInf, kZero };  // NAN, POSINF, NEGINF, ZERO in fastgrad/spec.py
 
@@ -198,7 +201,8 @@ constexpr int kNibbleRun = 15;
 // The bit that counts exponent e in its counter's field: 1 << 4 (e % 8), by e % 16.
 constexpr u32x16 kFieldBit = {1u << 0, 1u << 4, 1u << 8, 1u << 12, 1u << 16, 1u << 20, 1u << 24, 1u << 28,
                               1u << 0, 1u << 4, 1u << 8, 1u << 12, 1u << 16, 1u << 20, 1u << 24, 1u << 28};
-static_assert(kWin % 8 == 0 && kBlock / 16 <= 255, "counter fields would overflow");
+static_assert(kWin % 8 == 0 && kInPlaceBlock >= kBlock && kInPlaceBlock / 16 <= 255,
+              "counter fields would overflow");
 
 // Where the window sits only affects speed: values outside it are found by
 // a second look at the block. It starts where the thread's previous chunk
@@ -304,7 +308,7 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
   constexpr bool kFloatSquares = !std::is_same_v<In, float> && !kS1;
   f64x8 s1a = {}, s1b = {}, s2a = {}, s2b = {};
   f32x16 mx = {};
-  i32x16 c_zero = {};  // n <= kBlock: int32 is enough
+  i32x16 c_zero = {};  // n <= kInPlaceBlock: int32 is enough
   u32x16 bytes[2 * kNibbleCounters] = {};
   const uint32_t first = uint32_t(win.base) / 8;  // exponent / 8 of counter 0's exponents
   auto add_double = [](f64x8& a, f64x8& b, const f32x16& v) {
@@ -343,7 +347,11 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
         // (also for zeros, subnormals, NaN and Inf, see Window).
         // The field's bit comes from a 16-entry table indexed by the exponent's low
         // 4 bits (one permute instead of mask-and-shift).
+#if defined(__clang__)  // no variable-index __builtin_shuffle: mask and shift
+        const u32x16 bit = (u32x16{} + 1u) << ((au >> 21) & 28u);
+#else
         const u32x16 bit = __builtin_shuffle(kFieldBit, au >> 23);
+#endif
         const u32x16 e8 = au >> 26;
         for (int c = 0; c < kNibbleCounters; ++c) nib[c] = e8 == first + c ? nib[c] + bit : nib[c];
       }
@@ -422,7 +430,7 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
         // Many (data spread over more than kWin exponents): each value's key
         // (the scratch key if it is not missed) is written out, then counted
         // without branches, as the scalar pass does.
-        alignas(64) uint16_t key16[kBlock];
+        alignas(64) uint16_t key16[kInPlaceBlock];
         for (int64_t i = 0; i < nv; i += 16) {
           const u32x16 au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
           const i32x16 out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
@@ -554,8 +562,9 @@ void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart)
     }
   };
   for_each_row(d, it.begin, it.end, [&](int64_t off, int64_t n, int64_t st) {
-    for (int64_t i = 0; i < n; i += kBlock) {
-      const int64_t m = std::min(kBlock, n - i), o = off + i * st;
+    for (int64_t i = 0, m; i < n; i += m) {
+      m = std::min(st == 1 ? kInPlaceBlock : kBlock, n - i);
+      const int64_t o = off + i * st;
       // Contiguous 16-bit values are widened inside block_pass, saving a pass over buf.
       if constexpr (std::is_same_v<C, float>) {
         if (st == 1 && d.dtype == kBF16) {
