@@ -1,6 +1,8 @@
 // pybind11 module fastgrad._C: the CPU kernels, called with raw pointers.
 // The Python side (fastgrad/backends/cpu.py) checks dtypes, devices and
-// layouts and allocates the outputs; nothing here knows about torch.
+// layouts and allocates the outputs; nothing here includes torch. The one
+// exception is grad_stats_list, which reads the few attributes it needs from
+// the tensors' Python objects itself (see there).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -19,6 +21,85 @@ void clamp_cpu(const std::vector<TensorDesc>& descs, double lo, double hi, int n
 namespace py = pybind11;
 using Ints = std::vector<int64_t>;
 
+namespace {
+
+// Calls a no-argument method (or reads an attribute) of a Python object; null on error.
+PyObject* call0(PyObject* obj, PyObject* name) {
+  PyObject* args[] = {obj};
+  return PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+}
+
+// The descriptors of a list of tensors read straight from their Python
+// objects, in one pass: for thousands of small gradients, reading each
+// tensor's metadata once here (instead of one Python pass per property)
+// is most of what a statistics call costs. Only the plain case is taken:
+// every item exactly a `tensor_type` on the CPU, strided, contiguous and of
+// one of the four `dtypes` (codes 0..3). Returns false, with no Python error
+// set, for anything else: the caller then takes its general path, which also
+// says what is wrong with the input.
+bool read_plain_cpu_tensors(PyObject* list, PyObject* tensor_type, PyObject* const dtypes[4],
+                            PyObject* strided, std::vector<fastgrad::TensorDesc>& descs, int& dtype_mask) {
+  static PyObject* s_is_cpu = PyUnicode_InternFromString("is_cpu");
+  static PyObject* s_layout = PyUnicode_InternFromString("layout");
+  static PyObject* s_dtype = PyUnicode_InternFromString("dtype");
+  static PyObject* s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+  static PyObject* s_numel = PyUnicode_InternFromString("numel");
+  static PyObject* s_data_ptr = PyUnicode_InternFromString("data_ptr");
+  const Py_ssize_t T = PyList_GET_SIZE(list);
+  descs.resize(size_t(T));
+  dtype_mask = 0;
+  for (Py_ssize_t i = 0; i < T; ++i) {
+    PyObject* t = PyList_GET_ITEM(list, i);
+    if (Py_TYPE(t) != (PyTypeObject*)tensor_type) return false;
+    PyObject* r = PyObject_GetAttr(t, s_is_cpu);
+    bool ok = r == Py_True;
+    Py_XDECREF(r);
+    if (ok) {
+      r = PyObject_GetAttr(t, s_layout);
+      ok = r == strided;
+      Py_XDECREF(r);
+    }
+    int code = -1;
+    if (ok) {
+      r = PyObject_GetAttr(t, s_dtype);
+      for (int c = 0; c < 4; ++c)
+        if (r == dtypes[c]) code = c;
+      Py_XDECREF(r);
+      ok = code >= 0;
+    }
+    if (ok) {
+      r = call0(t, s_is_contiguous);
+      ok = r == Py_True;
+      Py_XDECREF(r);
+    }
+    long long numel = -1, ptr = 0;
+    if (ok) {
+      r = call0(t, s_numel);
+      numel = r ? PyLong_AsLongLong(r) : -1;
+      Py_XDECREF(r);
+      r = call0(t, s_data_ptr);
+      ptr = r ? PyLong_AsLongLong(r) : 0;
+      Py_XDECREF(r);
+      ok = numel >= 0 && !PyErr_Occurred();
+    }
+    if (!ok) {
+      PyErr_Clear();
+      return false;
+    }
+    fastgrad::TensorDesc& d = descs[size_t(i)];
+    d.data = reinterpret_cast<char*>(ptr);
+    d.dtype = fastgrad::DType(code);
+    d.numel = numel;
+    d.ndim = 1;
+    d.sizes[0] = numel;
+    d.strides[0] = 1;
+    dtype_mask |= 1 << code;
+  }
+  return true;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastgrad CPU kernels (raw-pointer interface; use fastgrad.grad_stats instead)";
 
@@ -33,6 +114,27 @@ PYBIND11_MODULE(_C, m) {
                                  reinterpret_cast<int64_t*>(out_counts), num_threads);
       },
       "Fill the float64 [T, P+1] and int64 [T, 4+B] statistics tables (see fastgrad/spec.py).");
+
+  m.def(
+      "grad_stats_list",
+      [](py::list tensors, py::handle tensor_type, py::tuple dtypes, py::handle strided,
+         const std::vector<double>& ps, bool hist, int min_exp, int max_exp, int64_t out_floats,
+         int64_t out_counts, int64_t out_numel, int num_threads) {
+        PyObject* dt[4];
+        for (int c = 0; c < 4; ++c) dt[c] = dtypes[c].ptr();
+        std::vector<fastgrad::TensorDesc> descs;
+        int mask = 0;
+        if (!read_plain_cpu_tensors(tensors.ptr(), tensor_type.ptr(), dt, strided.ptr(), descs, mask)) return 0;
+        int64_t* numel = reinterpret_cast<int64_t*>(out_numel);
+        for (size_t t = 0; t < descs.size(); ++t) numel[t] = descs[t].numel;
+        py::gil_scoped_release nogil;
+        fastgrad::grad_stats_cpu(descs, ps, hist, min_exp, max_exp, reinterpret_cast<double*>(out_floats),
+                                 reinterpret_cast<int64_t*>(out_counts), num_threads);
+        return mask;
+      },
+      "grad_stats for a list of plain contiguous CPU tensors (dtypes: the torch dtypes of codes 0..3), "
+      "also filling the int64 [T] element counts. Returns the bit mask of the dtype codes seen, or 0 "
+      "(and computes nothing) when some tensor is not of that kind.");
 
   m.def(
       "scale_",

@@ -21,6 +21,7 @@ on purpose:
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import warnings
@@ -30,7 +31,7 @@ import torch
 
 from . import distributed
 from .collect import check_grads, promoted_dtype
-from .ops import clamp_op_, grad_stats_op, scale_op_
+from .ops import clamp_op_, grad_stats_op, plain_stats_op, scale_op_
 from .spec import StatsSpec, parse_norm_type
 from .stats import build_stats
 
@@ -79,20 +80,29 @@ def _nonfinite_error(names, grads, raw, p: float) -> RuntimeError:
 
 def _total_norm(
     names, grads, p: float, error_if_nonfinite: bool, backend, process_group=None, placements=None
-) -> torch.Tensor:
-    """float64 0-d global p-norm on the first gradient's device (one fused pass; all-reduce if sharded)."""
+) -> tuple[torch.Tensor, torch.dtype]:
+    """float64 0-d global p-norm on the first gradient's device (one fused pass; all-reduce if
+    sharded) and the gradients' promoted dtype. Checks the gradients (raising for bad ones)."""
     spec = StatsSpec((p,), None)
-    plan = distributed.plan(names, grads, process_group, placements)
-    if plan is not None:
-        grads = plan.local
-    raw = grad_stats_op(grads, spec, backend)
-    if plan is not None and plan.communicate:
-        total = distributed.reduce_total_norm(raw, p, plan, [g.dtype for g in grads])
+    fast = plain_stats_op(grads, spec, backend) if process_group is None and placements is None else None
+    if fast is not None:  # plain CPU gradients: metadata read once, in C++
+        raw, numel, dtypes = fast
+        total = build_stats(names, grads, spec, raw, None, numel=numel).total_norm
+        dtype = functools.reduce(torch.promote_types, dtypes)
     else:
-        total = build_stats(names, grads, spec, raw, None).total_norm
+        check_grads(names, grads)
+        dtype = promoted_dtype(grads)
+        plan = distributed.plan(names, grads, process_group, placements)
+        if plan is not None:
+            grads = plan.local
+        raw = grad_stats_op(grads, spec, backend)
+        if plan is not None and plan.communicate:
+            total = distributed.reduce_total_norm(raw, p, plan, [g.dtype for g in grads])
+        else:
+            total = build_stats(names, grads, spec, raw, None).total_norm
     if error_if_nonfinite and not bool(total.isfinite()):  # the one sync torch also makes
         raise _nonfinite_error(names, grads, raw, p)
-    return total
+    return total, dtype
 
 
 def get_total_norm(
@@ -120,9 +130,8 @@ def get_total_norm(
         if not tensors:
             return torch.tensor(0.0)
         names = [f"[{i}]" for i in range(len(tensors))]
-        check_grads(names, tensors)
-        total = _total_norm(names, tensors, p, error_if_nonfinite, backend, process_group, placements)
-        return total.to(promoted_dtype(tensors))
+        total, dtype = _total_norm(names, tensors, p, error_if_nonfinite, backend, process_group, placements)
+        return total.to(dtype)
 
 
 def _coef(max_norm, total_norm: torch.Tensor) -> torch.Tensor:
@@ -194,10 +203,9 @@ def clip_grad_norm_(
         names, grads = _grads_of_params(parameters)
         if not grads:
             return torch.tensor(0.0)
-        check_grads(names, grads)
-        total = _total_norm(names, grads, p, error_if_nonfinite, backend, process_group, placements)
+        total, dtype = _total_norm(names, grads, p, error_if_nonfinite, backend, process_group, placements)
         scale_op_(distributed.local_tensors(grads), _coef(max_norm, total), backend)
-        return total.to(promoted_dtype(grads))
+        return total.to(dtype)
 
 
 def clip_grad_value_(

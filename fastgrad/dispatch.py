@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from .backends import get_backend, BACKEND_NAMES
+from .backends.cpu import DTYPES_BY_CODE as _CPU_DTYPES
 from .spec import RawStats, StatsSpec
 
 ENV_VAR = "FASTGRAD_BACKEND"
@@ -91,6 +92,28 @@ def _route(tensors: Sequence[torch.Tensor], backend: str | None):
     if len(routes) == 1:
         return {next(iter(routes)): None}
     return routes
+
+
+_CPU = torch.device("cpu")
+
+
+def plain_cpu_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None):
+    """``(raw, numel, dtypes)`` for the common case, every tensor a plain contiguous CPU tensor
+    going to the C++ backend, in one C++ call that reads each tensor's metadata once; else None.
+
+    On None nothing was computed and the caller takes the general path (which
+    also reports bad input). ``dtypes``: the dtypes present, in code order.
+    """
+    if not tensors or requested_backend(backend) not in (None, "cpu"):
+        return None
+    cpu = get_backend("cpu")
+    if cpu.why_not(_CPU, torch.float32) is not None:
+        return None
+    out = cpu.stats_plain(tensors if type(tensors) is list else list(tensors), spec)
+    if out is None:
+        return None
+    raw, numel, mask = out
+    return raw, numel, [dt for code, dt in enumerate(_CPU_DTYPES) if mask >> code & 1]
 
 
 def _pick(tensors, idx):

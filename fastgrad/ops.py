@@ -78,6 +78,14 @@ def grad_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str |
     return RawStats(floats, counts)
 
 
+def plain_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None):
+    """Eager fast path for plain contiguous CPU gradients: ``(raw, numel, dtypes)`` or None
+    (see :func:`fastgrad.dispatch.plain_cpu_stats`); always None while compiling."""
+    if _compiling():
+        return None
+    return dispatch.plain_cpu_stats(grads, spec, backend)
+
+
 def scale_op_(grads: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | None) -> None:
     if not _compiling():
         return dispatch.scale_(grads, coef, backend or None)

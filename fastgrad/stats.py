@@ -10,7 +10,7 @@ import torch
 
 from . import aggregate, distributed
 from .collect import check_grads, collect
-from .ops import grad_stats_op
+from .ops import grad_stats_op, plain_stats_op
 from .spec import COUNT_NAMES, NAN, NEGINF, NUM_COUNTS, POSINF, ZERO, HistogramSpec, RawStats, StatsSpec, make_spec
 
 
@@ -301,11 +301,16 @@ def grad_stats(
         vector. No host synchronisation.
     """
     collected = collect(tensors_or_params, names)
-    check_grads(collected.names, collected.grads)
     spec = make_spec(norm_types, histogram)
     if groups is None and isinstance(tensors_or_params, torch.nn.Module):
         groups = "module"
     labels = group_labels(collected.names, groups)
+    if process_group is None and placements is None:
+        fast = plain_stats_op(collected.grads, spec, backend)
+        if fast is not None:
+            raw, numel, _ = fast
+            return build_stats(collected.names, collected.grads, spec, raw, labels, numel=numel)
+    check_grads(collected.names, collected.grads)
     plan = distributed.plan(collected.names, collected.grads, process_group, placements)
     if plan is None:
         raw = grad_stats_op(collected.grads, spec, backend)

@@ -69,3 +69,73 @@ def test_missing_cpu_extension_falls_back_with_one_warning(monkeypatch):
             fastgrad.grad_stats([torch.ones(4)], backend="cpu")
     finally:
         dispatch.choose.cache_clear()
+
+
+# -- the plain-CPU fast path (one C++ call that reads each tensor's metadata) ----------------
+
+needs_cpu_kernel = pytest.mark.skipif(
+    fastgrad.get_backend("cpu").why_not(torch.device("cpu"), torch.float32) is not None,
+    reason="C++ CPU backend unavailable",
+)
+
+
+def _plain_inputs():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randn(n, generator=g).to(dt) for n, dt in
+            [(1000, torch.float32), (70_000, torch.bfloat16), (3, torch.float16), (0, torch.float32),
+             (129, torch.float64)]] + [torch.tensor([0.0, float("nan"), float("inf"), -1e-40])]
+
+
+@needs_cpu_kernel
+def test_plain_fast_path_equals_general_path_bitwise():
+    ts = _plain_inputs()
+    spec = fastgrad.spec.make_spec((2, 1, "inf", 3), True)
+    raw, numel, dtypes = dispatch.plain_cpu_stats(ts, spec)
+    general = dispatch.compute_stats(ts, spec, "cpu")
+    assert torch.equal(raw.floats.isnan(), general.floats.isnan())
+    assert torch.equal(raw.floats.nan_to_num(), general.floats.nan_to_num())
+    assert torch.equal(raw.counts, general.counts)
+    assert numel.tolist() == [t.numel() for t in ts]
+    assert dtypes == [torch.float32, torch.float64, torch.float16, torch.bfloat16]  # code order
+
+
+@needs_cpu_kernel
+def test_plain_fast_path_is_what_grad_stats_takes(monkeypatch):
+    def general(*a, **k):
+        raise AssertionError("general path taken")
+
+    monkeypatch.setattr(dispatch, "compute_stats", general)
+    st = fastgrad.grad_stats(_plain_inputs()[:3])
+    assert st.numel.tolist() == [1000, 70_000, 3]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("case", ["non_contiguous", "int_dtype", "subclass", "meta", "sparse"])
+def test_plain_fast_path_declines_anything_else(case):
+    ts = _plain_inputs()[:2]
+    odd = {
+        "non_contiguous": lambda: torch.randn(6, 4).t(),
+        "int_dtype": lambda: torch.ones(3, dtype=torch.int32),
+        "subclass": lambda: torch.nn.Parameter(torch.randn(3)),
+        "meta": lambda: torch.empty(3, device="meta"),
+        "sparse": lambda: torch.randn(4, 4).to_sparse(),
+    }[case]()
+    spec = fastgrad.spec.make_spec((2,), True)
+    assert dispatch.plain_cpu_stats(ts + [odd], spec) is None
+
+
+@needs_cpu_kernel
+def test_plain_fast_path_respects_backend_choice(monkeypatch):
+    spec = fastgrad.spec.make_spec((2,), True)
+    ts = _plain_inputs()[:1]
+    assert dispatch.plain_cpu_stats(ts, spec, "reference") is None
+    monkeypatch.setenv("FASTGRAD_BACKEND", "reference")
+    assert dispatch.plain_cpu_stats(ts, spec) is None
+    assert dispatch.plain_cpu_stats(ts, spec, "cpu") is not None  # the argument wins
+
+
+def test_bad_input_still_gets_the_general_error_messages():
+    with pytest.raises(TypeError, match="non-floating dtype torch.int32"):
+        fastgrad.grad_stats([torch.ones(2), torch.ones(3, dtype=torch.int32)])
+    with pytest.raises(RuntimeError, match="layout torch.sparse_coo"):
+        fastgrad.grad_stats([torch.ones(2), torch.randn(4, 4).to_sparse()])

@@ -60,10 +60,10 @@ enum Count { kNan = 0, kPosInf, kNegInf, kZero };  // NAN, POSINF, NEGINF, ZERO 
 // (HistogramSpec) put every exponent that shares a key into one bin.
 constexpr int kExpKeys = 256;
 constexpr int kNumKeys = kExpKeys + kNumCounts;
-// Scalar passes rotate their increments over this many key tables, so that
-// runs of equal keys do not serialise on store->load forwarding. Each table
-// ends in a scratch counter, the target of branch-free increments that must
-// count nothing.
+// An item's key table ends in a scratch counter, the target of branch-free
+// increments that must count nothing. Long scalar counting runs rotate their
+// increments over kKeyTables private tables (count_keys), so that runs of
+// equal keys do not serialise on store->load forwarding.
 constexpr int kKeyTables = 8;
 constexpr int kScratchKey = kNumKeys;
 constexpr int kKeyStride = kNumKeys + 1;
@@ -116,19 +116,38 @@ inline double value(double v) { return v; }
 inline float value(BF16 h) { return bf16_to_float(h.bits); }
 inline float value(F16 h) { return f16_to_float(h.bits); }
 
-// One pass over n contiguous values, generic form: used for float64 input
-// and for the tails of the vectorised blocks. keys: the kKeyTables tables.
+// keys[key16[i]] += 1 for i < n (kKeyStride entries; the scratch key counts nothing).
+inline void count_keys(const uint16_t* __restrict key16, int64_t n, uint32_t* __restrict keys) {
+  if (n < 256) {  // not worth setting up the rotating tables
+    for (int64_t i = 0; i < n; ++i) ++keys[key16[i]];
+    return;
+  }
+  alignas(64) uint32_t tab[kKeyTables * kKeyStride] = {};
+  int64_t i = 0;
+  for (; i + kKeyTables <= n; i += kKeyTables) {
+#pragma GCC unroll 8
+    for (int t = 0; t < kKeyTables; ++t) ++tab[t * kKeyStride + key16[i + t]];
+  }
+  for (; i < n; ++i) ++tab[key16[i]];
+  for (int t = 0; t < kKeyTables; ++t)
+    for (int k = 0; k < kKeyStride; ++k) keys[k] += tab[t * kKeyStride + k];
+}
+
+// One pass over n <= kInPlaceBlock contiguous values, generic form: used for
+// float64 input and for the tails of the vectorised blocks.
 template <typename In>
 inline void block_pass_scalar(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys) {
   double s1 = 0, s2 = 0, mx = acc.maxabs;
+  alignas(64) uint16_t key16[kInPlaceBlock];
   for (int64_t i = 0; i < n; ++i) {
     const auto v = value(x[i]);
     const double a = std::fabs(double(v));
     s1 += a;
     s2 += a * a;
     mx = a > mx ? a : mx;  // NaN compares false: max over non-NaN values
-    ++keys[(i % kKeyTables) * kKeyStride + key_of(v)];
+    key16[i] = uint16_t(key_of(v));
   }
+  count_keys(key16, n, keys);
   acc.s1 += s1;
   acc.s2 += s2;
   acc.maxabs = mx;
@@ -218,9 +237,7 @@ struct Window {
   int64_t missed = 0;          // since the last move
   void refit(const uint32_t* keys) {
     missed = 0;
-    uint64_t count[kExpKeys] = {};
-    for (int t = 0; t < kKeyTables; ++t)
-      for (int k = 0; k < kExpKeys; ++k) count[k] += keys[t * kKeyStride + k];
+    const uint32_t* count = keys;
     uint64_t best = 0;
     for (int k = base; k < base + kWin; ++k) best += count[k];
     for (int b = kMinBase; b <= kMaxBase; b += 8) {
@@ -235,10 +252,11 @@ struct Window {
 };
 
 // Horizontal reductions of the 16 lanes.
-inline int32_t lane_or(const i32x16& v) {
-  int32_t s = 0;
-  for (int l = 0; l < 16; ++l) s |= v[l];
-  return s;
+inline int32_t lane_or(i32x16 v) {
+  v |= __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v |= __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v |= __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return v[0] | v[1];
 }
 
 inline uint32_t lane_sum(u32x16 v) {
@@ -429,7 +447,7 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
       } else {
         // Many (data spread over more than kWin exponents): each value's key
         // (the scratch key if it is not missed) is written out, then counted
-        // without branches, as the scalar pass does.
+        // without branches.
         alignas(64) uint16_t key16[kInPlaceBlock];
         for (int64_t i = 0; i < nv; i += 16) {
           const u32x16 au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
@@ -437,10 +455,7 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
           const u16x16 k = __builtin_convertvector(out ? e : uint32_t(kScratchKey), u16x16);
           std::memcpy(key16 + i, &k, sizeof(k));
         }
-        for (int64_t i = 0; i < nv; i += kKeyTables) {
-#pragma GCC unroll 8
-          for (int t = 0; t < kKeyTables; ++t) ++keys[t * kKeyStride + key16[i + t]];
-        }
+        count_keys(key16, nv, keys);
       }
       win.missed += missed;
       if (win.missed * 32 >= kBlock) {
@@ -547,7 +562,7 @@ template <typename C>
 void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart) {
   const TensorDesc& d = (*job.descs)[it.tensor];
   alignas(64) C buf[kBlock];
-  alignas(64) uint32_t keys[kKeyTables * kKeyStride] = {};
+  alignas(64) uint32_t keys[kKeyStride] = {};
   BlockAcc acc;
   static thread_local Window win;
   WideCounts wide;
@@ -581,15 +596,18 @@ void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart)
   });
   if (job.hist) wide.flush(keys, win.base);
 
-  // Fold the key tables (a vectorised sum: small tensors pay this per item),
-  // then map the few non-zero keys to their columns through the job's table.
-  alignas(64) uint32_t total[kNumKeys];
-  for (int k = 0; k < kNumKeys; ++k) total[k] = keys[k];
-  for (int t = 1; t < kKeyTables; ++t)
-    for (int k = 0; k < kNumKeys; ++k) total[k] += keys[t * kKeyStride + k];
+  // Map the few non-zero keys to their columns through the job's table,
+  // finding them 16 at a time (small tensors pay this per item).
   for (int c = 0; c < job.ncounts; ++c) cpart[c] = 0;
-  for (int k = 0; k < kNumKeys; ++k)
-    if (total[k] && job.key_col[k] >= 0) cpart[job.key_col[k]] += total[k];
+  static_assert(kExpKeys % 16 == 0, "key scan");
+  for (int k0 = 0; k0 < kExpKeys; k0 += 16) {
+    u32x16 v;
+    std::memcpy(&v, keys + k0, sizeof(v));
+    if (!lane_or((i32x16)(v != 0u))) continue;
+    for (int k = k0; k < k0 + 16; ++k)
+      if (keys[k] && job.key_col[k] >= 0) cpart[job.key_col[k]] += keys[k];
+  }
+  for (int k = kExpKeys; k < kNumKeys; ++k) cpart[job.key_col[k]] += keys[k];
 
   const bool has_nan = cpart[kNan] > 0;
   const bool has_inf = cpart[kPosInf] + cpart[kNegInf] > 0;

@@ -23,6 +23,7 @@ except ImportError as e:  # compiler missing at install time, or a broken build
     LOAD_ERROR = f"the C++ extension fastgrad._C is not available ({e}); reinstall with a C++ compiler"
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPES_BY_CODE = tuple(sorted(DTYPE_CODES, key=DTYPE_CODES.get))
 
 
 def describe(tensors) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
@@ -72,6 +73,27 @@ class CpuBackend:
             torch.get_num_threads(),
         )
         return RawStats(floats, counts)
+
+    def stats_plain(self, tensors: list, spec: StatsSpec) -> tuple[RawStats, torch.Tensor, int] | None:
+        """:meth:`stats` plus element counts for a list of plain contiguous CPU tensors, or None.
+
+        The C++ side reads each tensor's metadata once, straight from its
+        Python object (about 1 us per tensor less than :func:`describe` and the
+        dispatcher's own passes). Returns ``(raw, numel, dtype_mask)`` (bit
+        ``DTYPE_CODES[dtype]`` set for each dtype present) or None, having
+        computed nothing, when some tensor is anything else.
+        """
+        T = len(tensors)
+        floats = torch.empty(T, spec.num_float_cols, dtype=torch.float64)
+        counts = torch.empty(T, spec.num_count_cols, dtype=torch.int64)
+        numel = torch.empty(T, dtype=torch.int64)
+        h = spec.histogram
+        mask = _C.grad_stats_list(
+            tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided,
+            list(spec.finite_norms), h is not None, h.min_exp if h else 0, h.max_exp if h else 1,
+            floats.data_ptr(), counts.data_ptr(), numel.data_ptr(), torch.get_num_threads(),
+        )
+        return (RawStats(floats, counts), numel, mask) if mask else None
 
     def scale_(self, tensors, coef: torch.Tensor) -> None:
         coef = coef.to(torch.float64).contiguous()  # 0-d CPU float64: C++ reads it, no .item()
