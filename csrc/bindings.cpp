@@ -137,6 +137,39 @@ PYBIND11_MODULE(_C, m) {
       "(and computes nothing) when some tensor is not of that kind.");
 
   m.def(
+      "scale_list",
+      [](py::list tensors, py::handle tensor_type, py::tuple dtypes, py::handle strided, int64_t coef_ptr,
+         int num_threads) {
+        PyObject* dt[4];
+        for (int c = 0; c < 4; ++c) dt[c] = dtypes[c].ptr();
+        std::vector<fastgrad::TensorDesc> descs;
+        int mask = 0;
+        if (!read_plain_cpu_tensors(tensors.ptr(), tensor_type.ptr(), dt, strided.ptr(), descs, mask)) return false;
+        const double coef = *reinterpret_cast<const double*>(coef_ptr);
+        py::gil_scoped_release nogil;
+        fastgrad::scale_cpu(descs, coef, num_threads);
+        return true;
+      },
+      "scale_ for a list of plain contiguous CPU tensors (see grad_stats_list); false, touching "
+      "nothing, when some tensor is not of that kind.");
+
+  m.def(
+      "clamp_list",
+      [](py::list tensors, py::handle tensor_type, py::tuple dtypes, py::handle strided, double lo, double hi,
+         int num_threads) {
+        PyObject* dt[4];
+        for (int c = 0; c < 4; ++c) dt[c] = dtypes[c].ptr();
+        std::vector<fastgrad::TensorDesc> descs;
+        int mask = 0;
+        if (!read_plain_cpu_tensors(tensors.ptr(), tensor_type.ptr(), dt, strided.ptr(), descs, mask)) return false;
+        py::gil_scoped_release nogil;
+        fastgrad::clamp_cpu(descs, lo, hi, num_threads);
+        return true;
+      },
+      "clamp_ for a list of plain contiguous CPU tensors (see grad_stats_list); false, touching "
+      "nothing, when some tensor is not of that kind.");
+
+  m.def(
       "scale_",
       [](const Ints& ptrs, const Ints& dtypes, const Ints& numels, const Ints& layout, const Ints& dims,
          int64_t coef_ptr, int num_threads) {

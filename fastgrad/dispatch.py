@@ -104,10 +104,8 @@ def plain_cpu_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: s
     On None nothing was computed and the caller takes the general path (which
     also reports bad input). ``dtypes``: the dtypes present, in code order.
     """
-    if not tensors or requested_backend(backend) not in (None, "cpu"):
-        return None
-    cpu = get_backend("cpu")
-    if cpu.why_not(_CPU, torch.float32) is not None:
+    cpu = _plain_cpu_backend(tensors, backend)
+    if cpu is None:
         return None
     out = cpu.stats_plain(tensors if type(tensors) is list else list(tensors), spec)
     if out is None:
@@ -142,13 +140,27 @@ def compute_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str
     return RawStats(floats, counts)
 
 
+def _plain_cpu_backend(tensors, backend):
+    """The C++ backend when ``tensors`` may take its plain-CPU fast paths (it checks each tensor), else None."""
+    if not tensors or requested_backend(backend) not in (None, "cpu"):
+        return None
+    cpu = get_backend("cpu")
+    return cpu if cpu.why_not(_CPU, torch.float32) is None else None
+
+
 def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | None = None) -> None:
     """``x *= coef`` in place for every tensor; ``coef`` is a 0-d float tensor (never read on the host)."""
+    cpu = _plain_cpu_backend(tensors, backend)
+    if cpu is not None and coef.device.type == "cpu" and cpu.scale_plain_(list(tensors), coef):
+        return
     for (device, b), idx in _route(tensors, backend).items():
         b.scale_(_pick(tensors, idx), coef.to(device, torch.float64))
 
 
 def clamp_(tensors: Sequence[torch.Tensor], clip_value: float, backend: str | None = None) -> None:
     """``x = clamp(x, -clip_value, clip_value)`` in place for every tensor, in one pass."""
+    cpu = _plain_cpu_backend(tensors, backend)
+    if cpu is not None and cpu.clamp_plain_(list(tensors), clip_value):
+        return
     for (_, b), idx in _route(tensors, backend).items():
         b.clamp_(_pick(tensors, idx), clip_value)

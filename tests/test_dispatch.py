@@ -139,3 +139,34 @@ def test_bad_input_still_gets_the_general_error_messages():
         fastgrad.grad_stats([torch.ones(2), torch.ones(3, dtype=torch.int32)])
     with pytest.raises(RuntimeError, match="layout torch.sparse_coo"):
         fastgrad.grad_stats([torch.ones(2), torch.randn(4, 4).to_sparse()])
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("op", ["scale", "clamp"])
+def test_plain_fast_path_for_in_place_ops(monkeypatch, op):
+    ts = [t for t in _plain_inputs() if t.numel()]
+    want = [t.clone() for t in ts]
+    cpu = fastgrad.get_backend("cpu")  # the general path's call into the same kernels
+    if op == "scale":
+        cpu.scale_(want, torch.tensor(0.3, dtype=torch.float64))
+    else:
+        cpu.clamp_(want, 0.5)
+    assert not all(torch.equal(w, t) for w, t in zip(want, ts))
+    monkeypatch.setattr(dispatch, "_route", lambda *a: (_ for _ in ()).throw(AssertionError("general path")))
+    if op == "scale":
+        dispatch.scale_(ts, torch.tensor(0.3, dtype=torch.float64))
+    else:
+        dispatch.clamp_(ts, 0.5)
+    for got, w in zip(ts, want):
+        assert torch.equal(got.nan_to_num(), w.nan_to_num()) and torch.equal(got.isnan(), w.isnan())
+
+
+@needs_cpu_kernel
+def test_plain_fast_path_in_place_declines_without_writing():
+    cpu = fastgrad.get_backend("cpu")
+    ts = [torch.ones(5), torch.ones(6, 4).t()]  # the second is not contiguous
+    assert not cpu.scale_plain_(ts, torch.tensor(0.5, dtype=torch.float64))
+    assert not cpu.clamp_plain_(ts, 0.25)
+    assert all(torch.equal(t, torch.ones_like(t)) for t in ts)
+    dispatch.scale_(ts, torch.tensor(0.5, dtype=torch.float64))  # the general path handles it
+    assert all(torch.equal(t, torch.full_like(t, 0.5)) for t in ts)

@@ -95,6 +95,17 @@ class CpuBackend:
         )
         return (RawStats(floats, counts), numel, mask) if mask else None
 
+    def scale_plain_(self, tensors: list, coef: torch.Tensor) -> bool:
+        """:meth:`scale_` for a list of plain contiguous CPU tensors; False (nothing written) otherwise."""
+        coef = coef.to("cpu", torch.float64).contiguous()
+        return _C.scale_list(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, coef.data_ptr(),
+                             torch.get_num_threads())
+
+    def clamp_plain_(self, tensors: list, clip_value: float) -> bool:
+        """:meth:`clamp_` for a list of plain contiguous CPU tensors; False (nothing written) otherwise."""
+        return _C.clamp_list(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, -clip_value, clip_value,
+                             torch.get_num_threads())
+
     def scale_(self, tensors, coef: torch.Tensor) -> None:
         coef = coef.to(torch.float64).contiguous()  # 0-d CPU float64: C++ reads it, no .item()
         _C.scale_(*describe(tensors), coef.data_ptr(), torch.get_num_threads())
