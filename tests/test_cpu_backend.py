@@ -15,6 +15,8 @@ pytestmark = pytest.mark.skipif(
     reason=f"C++ CPU backend unavailable: {CPU.why_not(torch.device('cpu'), torch.float32)}",
 )
 SPEC = make_spec(NORM_TYPES, True)
+# Without p = 1 the kernel takes other loops (no sum |x|; bfloat16 in 16-bit lanes): both are checked.
+SPECS = {"all_norms": SPEC, "l2_inf": make_spec((2.0, "inf"), True)}
 
 
 def check(tensors, spec=SPEC, what=""):
@@ -24,18 +26,20 @@ def check(tensors, spec=SPEC, what=""):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("kind", ["normal", "wide", "relu", "tiny"])
-def test_single_tensor(dtype, n, kind):
-    check([make_tensor(n, dtype, kind)], what=f"{dtype} n={n} {kind}")
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_single_tensor(dtype, n, kind, spec):
+    check([make_tensor(n, dtype, kind)], SPECS[spec], what=f"{dtype} n={n} {kind}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nasty_values(dtype):
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_nasty_values(dtype, spec):
     x = nasty_values(dtype)
-    check([x], what="nasty")
+    check([x], SPECS[spec], what="nasty")
     # the same values spread through a large tensor, across chunks and vector lanes
     big = make_tensor(150_001, dtype)
     big[:: 150_001 // len(x)][: len(x)] = x
-    check([big], what="nasty in big")
+    check([big], SPECS[spec], what="nasty in big")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -116,6 +120,15 @@ def test_1e8_elements_accuracy():
     big = x * 1e30  # sum of squares ~1e68: beyond float32's range, fine in fastgrad's
     got_big = fastgrad.grad_stats([big], backend="cpu", histogram=False).total_norm
     assert abs(got_big.item() / (exact.item() * 1e30) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_nan_does_not_hide_its_neighbours_max(dtype, spec):
+    """max|x| is over the non-NaN values, also when a NaN and the largest value share a vector."""
+    x = torch.full((4096,), 0.5, dtype=torch.float64)
+    x[100], x[101], x[3000] = float("nan"), -7.0, float("nan")
+    check([x.to(dtype)], SPECS[spec], what="nan next to max")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

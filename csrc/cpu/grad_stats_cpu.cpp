@@ -312,6 +312,61 @@ struct WideCounts {
 };
 static_assert(kChunk / 16 < 65536 && 4 * kNibbleCounters == 16, "WideCounts layout");
 
+// Counts the NaN and +-Inf among x[0, nv) into keys; returns how many.
+template <typename In>
+inline int64_t count_nonfinite(const In* __restrict x, int64_t nv, uint32_t* __restrict keys) {
+  int64_t nonfinite = 0;
+  for (int64_t i = 0; i < nv; ++i) {
+    const int k = key_of(value(x[i]));
+    if (k >= kExpKeys && k != kExpKeys + kZero) {
+      ++keys[k];
+      ++nonfinite;
+    }
+  }
+  return nonfinite;
+}
+
+// Counts the `missed` values of x[0, nv) (nv a multiple of 16) that the
+// window did not: finite, non-zero, with an exponent outside it.
+template <typename In>
+inline void count_missed(const In* __restrict x, int64_t nv, int64_t missed, uint32_t* __restrict keys,
+                         Window& win, WideCounts& wide) {
+  if (missed <= 0) return;
+  const uint32_t base = uint32_t(win.base);
+  if (missed * 32 < nv) {
+    // A few: found 16 at a time, up to the last one.
+    int64_t left = missed;
+    for (int64_t i = 0; left > 0; i += 16) {
+      const u32x16 au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
+      const i32x16 out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
+      if (!lane_or(out)) continue;
+      for (int l = 0; l < 16; ++l) {
+        if (out[l]) {
+          ++keys[e[l]];
+          --left;
+        }
+      }
+    }
+  } else {
+    // Many (data spread over more than kWin exponents): each value's key
+    // (the scratch key if it is not missed) is written out, then counted
+    // without branches.
+    alignas(64) uint16_t key16[kInPlaceBlock];
+    for (int64_t i = 0; i < nv; i += 16) {
+      const u32x16 au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
+      const i32x16 out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
+      const u16x16 k = __builtin_convertvector(out ? e : uint32_t(kScratchKey), u16x16);
+      std::memcpy(key16 + i, &k, sizeof(k));
+    }
+    count_keys(key16, nv, keys);
+  }
+  win.missed += missed;
+  if (win.missed * 32 >= kBlock) {
+    wide.flush(keys, win.base);
+    win.refit(keys);
+  }
+}
+
 // In: float, BF16 or F16. kS1: also sum |x| (only p = 1 needs it).
 template <bool kHist, bool kS1, typename In>
 inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys,
@@ -405,16 +460,7 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
   }
   keys[kExpKeys + kZero] += uint32_t(zeros);
   // Finite floats cannot overflow a double sum: a NaN or Inf shows in s2.
-  int64_t nonfinite = 0;
-  if (!std::isfinite(s2)) {
-    for (int64_t i = 0; i < nv; ++i) {
-      const int k = key_of(value(x[i]));
-      if (k >= kExpKeys && k != kExpKeys + kZero) {
-        ++keys[k];
-        ++nonfinite;
-      }
-    }
-  }
+  const int64_t nonfinite = std::isfinite(s2) ? 0 : count_nonfinite(x, nv, keys);
   if constexpr (kHist) {
     // Into the item's wide counters (WideCounts); the block's total in the
     // window needs just one horizontal sum.
@@ -425,48 +471,128 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
       wide.v[2 * b + 1] += odd;
       in_win += even + odd;
     }
-    const int64_t in_window = lane_sum((in_win & 0xffffu) + (in_win >> 16));
-    const int64_t missed = nv - zeros - nonfinite - in_window;
-    if (missed > 0) {
-      // Outside the window: finite, non-zero and an exponent e not in it.
-      const uint32_t base = uint32_t(win.base);
-      if (missed * 32 < nv) {
-        // A few: found 16 at a time, up to the last one.
-        int64_t left = missed;
-        for (int64_t i = 0; left > 0; i += 16) {
-          const u32x16 au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
-          const i32x16 out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
-          if (!lane_or(out)) continue;
-          for (int l = 0; l < 16; ++l) {
-            if (out[l]) {
-              ++keys[e[l]];
-              --left;
-            }
-          }
-        }
-      } else {
-        // Many (data spread over more than kWin exponents): each value's key
-        // (the scratch key if it is not missed) is written out, then counted
-        // without branches.
-        alignas(64) uint16_t key16[kInPlaceBlock];
-        for (int64_t i = 0; i < nv; i += 16) {
-          const u32x16 au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
-          const i32x16 out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
-          const u16x16 k = __builtin_convertvector(out ? e : uint32_t(kScratchKey), u16x16);
-          std::memcpy(key16 + i, &k, sizeof(k));
-        }
-        count_keys(key16, nv, keys);
-      }
-      win.missed += missed;
-      if (win.missed * 32 >= kBlock) {
-        wide.flush(keys, win.base);
-        win.refit(keys);
-      }
-    }
+    count_missed(x, nv, nv - zeros - nonfinite - lane_sum((in_win & 0xffffu) + (in_win >> 16)), keys, win, wide);
   }
   acc.s1 += s1;
   acc.s2 += s2;
   acc.maxabs = m;
+  block_pass_scalar(x + nv, n - nv, acc, keys);
+}
+
+// bfloat16 in 16-bit lanes, 32 values a step: the histogram's index work, the
+// max (as integers: |x| bits order like the values, NaN above all) and the
+// zero count cost half as much as in float lanes, and the widening to float
+// for the squares is two interleaves with zeros (which permute the values;
+// sums do not care). Counters: 8 of 4 exponents (4-bit fields, four per
+// lane), counter c holding exponents base + 4 c + f in field f. Same results
+// as block_pass, without sum |x| (p = 1 takes block_pass).
+typedef uint16_t u16x32 __attribute__((vector_size(64)));
+constexpr int kNibbleCounters16 = kWin / 4;
+// The bit that counts exponent e in its counter's field: 1 << 4 (e % 4), by e % 32.
+constexpr u16x32 kFieldBit16 = {1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 4096,
+                                1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 4096};
+
+template <bool kHist>
+inline void block_pass_bf16(const BF16* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys,
+                            Window& win, WideCounts& wide) {
+  const int64_t nv = n & ~int64_t(31);
+  f64x8 s2a = {}, s2b = {};
+  u16x32 mx = {}, c_zero = {};  // at most kInPlaceBlock / 32 per lane
+  u16x32 bytes[2 * kNibbleCounters16] = {};
+  const uint16_t first = uint16_t(win.base / 4);  // exponent / 4 of counter 0's exponents
+  auto add_double = [&](const f32x16& v) {
+    const f64x16 d = __builtin_convertvector(v, f64x16);
+    s2a += __builtin_shufflevector(d, d, 0, 1, 2, 3, 4, 5, 6, 7);
+    s2b += __builtin_shufflevector(d, d, 8, 9, 10, 11, 12, 13, 14, 15);
+  };
+  for (int64_t i = 0; i < nv;) {
+    u16x32 nib[kNibbleCounters16] = {};
+    f32x16 sq_lo = {}, sq_hi = {};  // exact squares, 15 a lane a run, as in block_pass
+    const int64_t run_end = std::min(nv, i + 32 * kNibbleRun);
+    for (; i < run_end; i += 32) {
+      u16x32 h;
+      std::memcpy(&h, x + i, sizeof(h));
+      const u16x32 a = h & 0x7fff;
+      mx = a > mx ? a : mx;
+      c_zero = a == 0 ? c_zero + 1 : c_zero;
+      const u16x32 z = {};
+      const u16x32 lo = __builtin_shufflevector(z, a, 0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43,
+                                                16, 48, 17, 49, 18, 50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59);
+      const u16x32 hi = __builtin_shufflevector(z, a, 4, 36, 5, 37, 6, 38, 7, 39, 12, 44, 13, 45, 14, 46, 15, 47,
+                                                20, 52, 21, 53, 22, 54, 23, 55, 28, 60, 29, 61, 30, 62, 31, 63);
+      f32x16 flo, fhi;
+      std::memcpy(&flo, &lo, sizeof(flo));
+      std::memcpy(&fhi, &hi, sizeof(fhi));
+      sq_lo += flo * flo;
+      sq_hi += fhi * fhi;
+      if constexpr (kHist) {
+#if defined(__clang__)
+        const u16x32 bit = u16x32{} + 1 << ((a >> 5) & 12);
+#else
+        const u16x32 bit = __builtin_shuffle(kFieldBit16, u16x32(a >> 7));
+#endif
+        const u16x32 e4 = a >> 9;  // NaN/Inf: 63, beyond every counter; zeros: 0, below
+        for (int c = 0; c < kNibbleCounters16; ++c)
+          nib[c] = e4 == uint16_t(first + c) ? nib[c] + bit : nib[c];
+      }
+    }
+    add_double(sq_lo);
+    add_double(sq_hi);
+    if constexpr (kHist) {
+      for (int c = 0; c < kNibbleCounters16; ++c) {
+        bytes[2 * c] += nib[c] & 0x0f0f;  // fields 0, 2 -> bytes 0, 1 of the lane
+        bytes[2 * c + 1] += (nib[c] >> 4) & 0x0f0f;  // fields 1, 3
+      }
+    }
+  }
+  double s2 = 0;
+  for (int l = 0; l < 8; ++l) s2 += s2a[l] + s2b[l];
+  uint16_t mbits = 0;
+  int64_t zeros = 0;
+  for (int l = 0; l < 32; ++l) {
+    mbits = std::max(mbits, mx[l]);
+    zeros += c_zero[l];
+  }
+  double block_max = bf16_to_float(mbits);
+  if (mbits > 0x7f80) {  // a NaN: the max over the other values, the slow way
+    block_max = 0;
+    for (int64_t i = 0; i < nv; ++i) {
+      const double v = std::fabs(double(value(x[i])));
+      block_max = v > block_max ? v : block_max;
+    }
+  }
+  if (block_max >= 0x1p62 || (block_max > 0 && block_max < 0x1p-40)) {  // see block_pass
+    s2 = 0;
+    for (int64_t i = 0; i < nv; ++i) {
+      const double v = double(value(x[i]));
+      s2 += v * v;
+    }
+  }
+  keys[kExpKeys + kZero] += uint32_t(zeros);
+  const int64_t nonfinite = std::isfinite(s2) ? 0 : count_nonfinite(x, nv, keys);
+  if constexpr (kHist) {
+    // Into the item's WideCounts layout: counters 2 c and 2 c + 1 here hold
+    // the exponents of WideCounts' counter c's low and high 16 bits. As
+    // 32-bit lanes, a byte vector's even (odd) bytes are one exponent in both
+    // halves: summed, then packed in pairs of counters.
+    u32x16 in_win = {};
+    for (int c = 0; c < kNibbleCounters; ++c) {
+      for (int h = 0; h < 2; ++h) {
+        u32x16 lo_b, hi_b;  // the byte vectors of counters 2 c and 2 c + 1
+        std::memcpy(&lo_b, &bytes[2 * (2 * c) + h], sizeof(lo_b));
+        std::memcpy(&hi_b, &bytes[2 * (2 * c + 1) + h], sizeof(hi_b));
+        for (int k = 0; k < 2; ++k) {
+          const u32x16 l = (lo_b >> (8 * k)) & 0x00ff00ffu, u = (hi_b >> (8 * k)) & 0x00ff00ffu;
+          const u32x16 packed = ((l & 0xffffu) + (l >> 16)) | (((u & 0xffffu) + (u >> 16)) << 16);
+          wide.v[4 * c + 2 * h + k] += packed;
+          in_win += packed;
+        }
+      }
+    }
+    count_missed(x, nv, nv - zeros - nonfinite - lane_sum((in_win & 0xffffu) + (in_win >> 16)), keys, win, wide);
+  }
+  acc.s2 += s2;
+  acc.maxabs = std::max(acc.maxabs, block_max);
   block_pass_scalar(x + nv, n - nv, acc, keys);
 }
 
@@ -583,7 +709,10 @@ void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart)
       // Contiguous 16-bit values are widened inside block_pass, saving a pass over buf.
       if constexpr (std::is_same_v<C, float>) {
         if (st == 1 && d.dtype == kBF16) {
-          pass(reinterpret_cast<const BF16*>(d.data) + o, m);
+          const BF16* x = reinterpret_cast<const BF16*>(d.data) + o;
+          if (job.s1) pass(x, m);
+          else if (job.hist) block_pass_bf16<true>(x, m, acc, keys, win, wide);
+          else block_pass_bf16<false>(x, m, acc, keys, win, wide);
           continue;
         }
         if (st == 1 && d.dtype == kF16) {
