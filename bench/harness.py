@@ -33,6 +33,20 @@ def timeit(fn: Callable[[], object], reps: int = 10, warmup: int = 2, max_second
     return best
 
 
+def timeit_interleaved(fns: dict[str, Callable[[], object]], reps: int = 10, warmup: int = 1,
+                       device: str = "cpu") -> dict[str, float]:
+    """Best wall time of each ``fns[k]()`` with the variants run round-robin, so that load from
+    other processes on a shared machine hits all of them alike (minimum per variant, as timeit)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            best[k] = min(best[k], timeit(fn, reps=1, warmup=0, device=device))
+    return best
+
+
 def nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -29,7 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import nbytes, sum_bandwidth, table, timeit
+from harness import nbytes, sum_bandwidth, table, timeit_interleaved
 
 import fastgrad
 
@@ -55,16 +55,6 @@ def make_model(layers: int, d_model: int, vocab: int, device: str) -> torch.nn.M
         num_layers=layers, enable_nested_tensor=False,
     )
     return torch.nn.Sequential(torch.nn.Embedding(vocab, d_model), enc, torch.nn.Linear(d_model, vocab)).to(device)
-
-
-def _best_interleaved(fns: dict, reps: int, device: str) -> dict:
-    """Best time of each ``fns[k]()`` with the variants run round-robin, so that load from other
-    processes on a shared machine hits all of them alike (minimum per variant, as harness.timeit)."""
-    best = {k: float("inf") for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            best[k] = min(best[k], timeit(fn, reps=1, warmup=0, device=device))
-    return best
 
 
 def bench_device(device: str, args) -> list[dict]:
@@ -97,8 +87,8 @@ def bench_device(device: str, args) -> list[dict]:
                 train_step()
             train[variant], opt_only[variant] = train_step, opt_step
             gbytes = nbytes([p.grad for p in params])
-        t_train = _best_interleaved(train, args.reps, device)
-        t_opt = _best_interleaved(opt_only, args.reps * 3, device)
+        t_train = timeit_interleaved(train, args.reps, device=device)
+        t_opt = timeit_interleaved(opt_only, args.reps * 3, device=device)
         for variant in train:
             extra = t_opt[variant] - t_opt["plain"]
             gbs = gbytes / extra / 1e9 if extra > 0 and variant != "plain" else float("nan")

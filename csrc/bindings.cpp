@@ -14,6 +14,7 @@
 namespace fastgrad {
 void grad_stats_cpu(const std::vector<TensorDesc>& descs, const std::vector<double>& ps, bool hist,
                     int min_exp, int max_exp, double* out_floats, int64_t* out_counts, int num_threads);
+void total_row_cpu(const std::vector<double>& ps, int64_t T, int ncounts, double* floats, int64_t* counts);
 void scale_cpu(const std::vector<TensorDesc>& descs, double coef, int num_threads);
 void clamp_cpu(const std::vector<TensorDesc>& descs, double lo, double hi, int num_threads);
 }  // namespace fastgrad
@@ -125,16 +126,21 @@ PYBIND11_MODULE(_C, m) {
         std::vector<fastgrad::TensorDesc> descs;
         int mask = 0;
         if (!read_plain_cpu_tensors(tensors.ptr(), tensor_type.ptr(), dt, strided.ptr(), descs, mask)) return 0;
+        const int64_t T = int64_t(descs.size());
         int64_t* numel = reinterpret_cast<int64_t*>(out_numel);
-        for (size_t t = 0; t < descs.size(); ++t) numel[t] = descs[t].numel;
+        numel[T] = 0;
+        for (int64_t t = 0; t < T; ++t) numel[T] += numel[t] = descs[size_t(t)].numel;
         py::gil_scoped_release nogil;
-        fastgrad::grad_stats_cpu(descs, ps, hist, min_exp, max_exp, reinterpret_cast<double*>(out_floats),
-                                 reinterpret_cast<int64_t*>(out_counts), num_threads);
+        double* floats = reinterpret_cast<double*>(out_floats);
+        int64_t* counts = reinterpret_cast<int64_t*>(out_counts);
+        fastgrad::grad_stats_cpu(descs, ps, hist, min_exp, max_exp, floats, counts, num_threads);
+        const int ncounts = 4 + (hist ? max_exp - min_exp + 2 : 0);
+        fastgrad::total_row_cpu(ps, T, ncounts, floats, counts);
         return mask;
       },
-      "grad_stats for a list of plain contiguous CPU tensors (dtypes: the torch dtypes of codes 0..3), "
-      "also filling the int64 [T] element counts. Returns the bit mask of the dtype codes seen, or 0 "
-      "(and computes nothing) when some tensor is not of that kind.");
+      "grad_stats for a list of plain contiguous CPU tensors (dtypes: the torch dtypes of codes 0..3) "
+      "into tables of T + 1 rows (row T: the total) and the int64 [T + 1] element counts. Returns the "
+      "bit mask of the dtype codes seen, or 0 (and computes nothing) when some tensor is not of that kind.");
 
   m.def(
       "scale_list",

@@ -86,8 +86,8 @@ def _total_norm(
     spec = StatsSpec((p,), None)
     fast = plain_stats_op(grads, spec, backend) if process_group is None and placements is None else None
     if fast is not None:  # plain CPU gradients: metadata read once, in C++
-        raw, numel, dtypes = fast
-        total = build_stats(names, grads, spec, raw, None, numel=numel).total_norm
+        raw, numel, total_raw, dtypes = fast
+        total = build_stats(names, grads, spec, raw, None, numel=numel, total=total_raw).total_norm
         dtype = functools.reduce(torch.promote_types, dtypes)
     else:
         check_grads(names, grads)

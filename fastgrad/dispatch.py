@@ -98,11 +98,13 @@ _CPU = torch.device("cpu")
 
 
 def plain_cpu_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None):
-    """``(raw, numel, dtypes)`` for the common case, every tensor a plain contiguous CPU tensor
-    going to the C++ backend, in one C++ call that reads each tensor's metadata once; else None.
+    """``(raw, numel, total, dtypes)`` for the common case, every tensor a plain contiguous CPU
+    tensor going to the C++ backend, in one C++ call that reads each tensor's metadata once; else None.
 
     On None nothing was computed and the caller takes the general path (which
-    also reports bad input). ``dtypes``: the dtypes present, in code order.
+    also reports bad input). ``numel``: int64 ``[T + 1]``, the last entry the
+    sum; ``total``: the one-row :class:`RawStats` over all tensors; ``dtypes``:
+    the dtypes present, in code order.
     """
     cpu = _plain_cpu_backend(tensors, backend)
     if cpu is None:
@@ -110,8 +112,8 @@ def plain_cpu_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: s
     out = cpu.stats_plain(tensors if type(tensors) is list else list(tensors), spec)
     if out is None:
         return None
-    raw, numel, mask = out
-    return raw, numel, [dt for code, dt in enumerate(_CPU_DTYPES) if mask >> code & 1]
+    raw, numel, total, mask = out
+    return raw, numel, total, [dt for code, dt in enumerate(_CPU_DTYPES) if mask >> code & 1]
 
 
 def _pick(tensors, idx):

@@ -79,7 +79,7 @@ def grad_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str |
 
 
 def plain_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None):
-    """Eager fast path for plain contiguous CPU gradients: ``(raw, numel, dtypes)`` or None
+    """Eager fast path for plain contiguous CPU gradients: ``(raw, numel, total, dtypes)`` or None
     (see :func:`fastgrad.dispatch.plain_cpu_stats`); always None while compiling."""
     if _compiling():
         return None

@@ -236,13 +236,19 @@ def _segments(labels: list[str], device: torch.device) -> tuple[list[str], aggre
 
 def build_stats(
     names: Sequence[str], grads: Sequence[torch.Tensor], spec: StatsSpec, raw: RawStats,
-    labels: list[str] | None, *, numel: torch.Tensor | None = None,
+    labels: list[str] | None, *, numel: torch.Tensor | None = None, total: RawStats | None = None,
 ) -> GradStats:
     """Wrap backend tables into a :class:`GradStats`, adding per-group rows if ``labels``.
 
     ``numel`` (int64 ``[T]`` on the tables' device) overrides ``g.numel()``: the
-    global counts after a cross-rank reduction.
+    global counts after a cross-rank reduction. With ``total`` (the one-row
+    tables of the total, as the C++ fast path makes them) ``numel`` is
+    ``[T + 1]``, its last entry the sum.
     """
+    if total is not None:
+        stats = build_stats(names, grads, spec, raw, labels, numel=numel[:-1])
+        object.__setattr__(stats, "_total", GradStats(("total",), spec, numel[-1:], total))
+        return stats
     device = raw.floats.device
     if numel is None:
         numel = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
@@ -308,8 +314,8 @@ def grad_stats(
     if process_group is None and placements is None:
         fast = plain_stats_op(collected.grads, spec, backend)
         if fast is not None:
-            raw, numel, _ = fast
-            return build_stats(collected.names, collected.grads, spec, raw, labels, numel=numel)
+            raw, numel, total, _ = fast
+            return build_stats(collected.names, collected.grads, spec, raw, labels, numel=numel, total=total)
     check_grads(collected.names, collected.grads)
     plan = distributed.plan(collected.names, collected.grads, process_group, placements)
     if plan is None:

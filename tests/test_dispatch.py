@@ -87,16 +87,23 @@ def _plain_inputs():
 
 
 @needs_cpu_kernel
-def test_plain_fast_path_equals_general_path_bitwise():
-    ts = _plain_inputs()
+@pytest.mark.parametrize("with_nonfinite", [False, True])
+def test_plain_fast_path_equals_general_path_bitwise(with_nonfinite):
+    ts = _plain_inputs() if with_nonfinite else _plain_inputs()[:-1]
     spec = fastgrad.spec.make_spec((2, 1, "inf", 3), True)
-    raw, numel, dtypes = dispatch.plain_cpu_stats(ts, spec)
+    raw, numel, total, dtypes = dispatch.plain_cpu_stats(ts, spec)
     general = dispatch.compute_stats(ts, spec, "cpu")
     assert torch.equal(raw.floats.isnan(), general.floats.isnan())
     assert torch.equal(raw.floats.nan_to_num(), general.floats.nan_to_num())
     assert torch.equal(raw.counts, general.counts)
-    assert numel.tolist() == [t.numel() for t in ts]
+    assert numel.tolist() == [t.numel() for t in ts] + [sum(t.numel() for t in ts)]
+    # the C++ total row against the general path's aggregation (torch ops)
+    want = fastgrad.aggregate.aggregate(general, spec, fastgrad.aggregate.TOTAL)
+    assert torch.equal(total.counts, want.counts)
+    assert torch.equal(total.floats.isnan(), want.floats.isnan())
+    torch.testing.assert_close(total.floats, want.floats, rtol=1e-15, atol=0, equal_nan=True)
     assert dtypes == [torch.float32, torch.float64, torch.float16, torch.bfloat16]  # code order
+    assert total.floats[0, 0].isnan() == with_nonfinite
 
 
 @needs_cpu_kernel

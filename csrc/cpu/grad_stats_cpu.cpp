@@ -889,4 +889,44 @@ void grad_stats_cpu(const std::vector<TensorDesc>& descs, const std::vector<doub
   }
 }
 
+// Row T of the tables: the total over rows [0, T), combined in row order as
+// fastgrad/aggregate.py does: norm = M * (sum_t (n_t / M)^p)^(1/p), M = max n_t
+// (NaN if any row is NaN, else Inf if any is Inf); max of max|x|; summed counts.
+void total_row_cpu(const std::vector<double>& ps, int64_t T, int ncounts, double* floats, int64_t* counts) {
+  const int64_t nf = int64_t(ps.size()) + 1;
+  double* out = floats + T * nf;
+  for (size_t j = 0; j < ps.size(); ++j) {
+    const double p = ps[j];
+    double M = 0;
+    bool nan = false, inf = false;
+    for (int64_t t = 0; t < T; ++t) {
+      const double n = floats[t * nf + int64_t(j)];
+      nan |= std::isnan(n);
+      inf |= std::isinf(n);
+      M = n > M ? n : M;
+    }
+    double v = 0;
+    if (nan) {
+      v = std::nan("");
+    } else if (inf) {
+      v = HUGE_VAL;
+    } else if (M > 0) {
+      double S = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const double r = floats[t * nf + int64_t(j)] / M;
+        S += p == 2.0 ? r * r : (p == 1.0 ? r : std::pow(r, p));
+      }
+      v = M * (p == 2.0 ? std::sqrt(S) : (p == 1.0 ? S : std::pow(S, 1.0 / p)));
+    }
+    out[j] = v;
+  }
+  double mx = 0;
+  for (int64_t t = 0; t < T; ++t) mx = std::max(mx, floats[t * nf + nf - 1]);
+  out[nf - 1] = mx;
+  int64_t* cout = counts + T * ncounts;
+  for (int c = 0; c < ncounts; ++c) cout[c] = 0;
+  for (int64_t t = 0; t < T; ++t)
+    for (int c = 0; c < ncounts; ++c) cout[c] += counts[t * ncounts + c];
+}
+
 }  // namespace fastgrad
