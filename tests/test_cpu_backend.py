@@ -120,6 +120,11 @@ def test_1e8_elements_accuracy():
     big = x * 1e30  # sum of squares ~1e68: beyond float32's range, fine in fastgrad's
     got_big = fastgrad.grad_stats([big], backend="cpu", histogram=False).total_norm
     assert abs(got_big.item() / (exact.item() * 1e30) - 1) < 1e-6
+    # bfloat16: squares summed in float runs, then in double (the float64 row, not the bf16 total)
+    xb = x.bfloat16()
+    exact_b = xb.double().square().sum().sqrt().item()
+    got_b = fastgrad.grad_stats([xb], backend="cpu").tensor_norms[0].item()
+    assert abs(got_b / exact_b - 1) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
