@@ -10,18 +10,23 @@
 // cached on the device, so a call launches a fixed number of kernels
 // whatever the number of tensors:
 //   1. cudaMemsetAsync of the int64 counts table,
-//   2. stats_kernel: each block reads its chunk once and writes its own
-//      partial slot — per requested p a pair (s, m) with norm^p = m^p * s,
-//      then max|x| — and adds its NaN/Inf/zero counts and histogram to the
-//      tensor's row with integer atomics (exact and order-free),
+//   2. stats_kernel: each block reads its chunk once (16-byte vector loads
+//      when the chunk is aligned) and writes its own partial slot — per
+//      requested p a pair (s, m) with norm^p = m^p * s, then max|x| — and
+//      adds its NaN/Inf/zero counts and histogram to the tensor's row with
+//      integer atomics (exact and order-free). Inside the block every thread
+//      counts into its own byte counters in shared memory (no atomics, no
+//      bank conflicts), summed once at the end of the chunk,
 //   3. combine_kernel: one warp per tensor folds that tensor's partials in a
 //      fixed order (lane-strided, then a shuffle tree).
 // No floating-point atomics anywhere: results are bitwise reproducible.
 //
 // Accumulation is in double, so float32 values up to 3.4e38 cannot
-// overflow a sum of squares; only float64 input, and p other than 1 and 2,
-// take a second (L2-resident) pass over the chunk scaled by 2^-k near the
-// chunk's max|x|.
+// overflow a sum of squares. 16-bit inputs first sum the 8 values of a
+// vector in float (their squares are exact in float: 7 roundings, < 5e-7),
+// as the CPU kernel does. Float64 input, p other than 1 and 2, and bfloat16
+// chunks whose squares could leave float's range take a second (L2-resident)
+// pass over the chunk scaled by 2^-k near the chunk's max|x|.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -41,7 +46,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kChunk = int64_t(1) << 16;
 constexpr int kNumCounts = 4;
 constexpr int kMaxNorms = 8;
-constexpr int kMaxSlots = 256 + 4;  // bins (<= 256 for exponents -126..128) + zero, NaN, +Inf, -Inf
+// Byte-counter rows: zero, NaN, +Inf, -Inf, then one per histogram bin (<= 256
+// for exponents -126..128) or a single row for all other values.
+constexpr int kRowZero = 0, kRowNan = 1, kRowPosInf = 2, kRowNegInf = 3, kFirstBinRow = 4;
+static_assert(kChunk / kThreads + 16 <= 255, "a thread's byte counters could overflow");
 
 struct StatsArgs {
   const int64_t* ptrs;         // [T] data pointers
@@ -56,40 +64,30 @@ struct StatsArgs {
   bool hist;
 };
 
-__device__ __forceinline__ float load_as_float(const void* p, int64_t i, int32_t dt) {
-  if (dt == kF32) return static_cast<const float*>(p)[i];
-  if (dt == kBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  return __half2float(static_cast<const __half*>(p)[i]);
-}
+__device__ __forceinline__ float to_compute(float v) { return v; }
+__device__ __forceinline__ double to_compute(double v) { return v; }
+__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
 
-template <typename C>
-__device__ __forceinline__ C load(const void* p, int64_t i, int32_t dt);
-template <>
-__device__ __forceinline__ float load<float>(const void* p, int64_t i, int32_t dt) {
-  return load_as_float(p, i, dt);
-}
-template <>
-__device__ __forceinline__ double load<double>(const void* p, int64_t i, int32_t) {
-  return static_cast<const double*>(p)[i];
-}
-
-// Histogram slot of one value from its exponent bits (see HistogramSpec):
-// bins 0..num_bins-1, then zero, NaN, +Inf, -Inf.
-__device__ __forceinline__ int slot_of(float v, int min_exp, int num_bins) {
+// The byte-counter row of one value (see kRowZero): nb = number of histogram
+// bins, 0 without a histogram.
+__device__ __forceinline__ int row_of(float v, int min_exp, int nb) {
   const uint32_t u = __float_as_uint(v);
   const int e = int((u >> 23) & 0xffu);
   const bool mant = (u & 0x7fffffu) != 0u;
-  if (e == 0) return mant ? 0 : num_bins;  // subnormal -> underflow bin (min_exp >= -126)
-  if (e == 0xff) return mant ? num_bins + 1 : ((u >> 31) ? num_bins + 3 : num_bins + 2);
-  return min(max(e - 127 - min_exp + 1, 0), num_bins - 1);
+  if (e == 0xff) return mant ? kRowNan : ((u >> 31) ? kRowNegInf : kRowPosInf);
+  if (e == 0 && !mant) return kRowZero;
+  if (nb == 0) return kFirstBinRow;
+  return kFirstBinRow + (e == 0 ? 0 : min(max(e - 127 - min_exp + 1, 0), nb - 1));  // subnormal: underflow bin
 }
-__device__ __forceinline__ int slot_of(double v, int min_exp, int num_bins) {
+__device__ __forceinline__ int row_of(double v, int min_exp, int nb) {
   const uint64_t u = uint64_t(__double_as_longlong(v));
   const int e = int((u >> 52) & 0x7ffu);
   const bool mant = (u & ((uint64_t(1) << 52) - 1)) != 0u;
-  if (e == 0) return mant ? 0 : num_bins;
-  if (e == 0x7ff) return mant ? num_bins + 1 : ((u >> 63) ? num_bins + 3 : num_bins + 2);
-  return min(max(e - 1023 - min_exp + 1, 0), num_bins - 1);
+  if (e == 0x7ff) return mant ? kRowNan : ((u >> 63) ? kRowNegInf : kRowPosInf);
+  if (e == 0 && !mant) return kRowZero;
+  if (nb == 0) return kFirstBinRow;
+  return kFirstBinRow + (e == 0 ? 0 : min(max(e - 1023 - min_exp + 1, 0), nb - 1));
 }
 
 // Fixed-order block reductions (butterfly within warps, then warp 0 over the
@@ -118,58 +116,125 @@ __device__ double block_reduce(double v, double* scratch) {
   return scratch[kWarps];
 }
 
-template <typename C>
-__device__ void stats_chunk(const StatsArgs& a, int64_t w, int t, const void* p, int32_t dt, int64_t begin,
-                            int64_t end) {
-  __shared__ unsigned int hist[kWarps][kMaxSlots];  // one private histogram per warp
+// One thread's share of a chunk: sums, max and byte counts. T: the stored
+// type; C: float, or double for float64.
+template <typename T>
+struct ChunkPass {
+  using C = decltype(to_compute(T()));
+  static constexpr bool kExactSquares = sizeof(T) == 2;  // 16-bit: squares exact in float
+  double s1 = 0.0, s2 = 0.0;
+  C mx = 0;
+  float q1 = 0.f, q2 = 0.f;  // float sums of one vector's 16-bit values
+  unsigned char* counts;     // this thread's byte counters: counts[row << 9]
+  int min_exp, nb;
+
+  __device__ __forceinline__ void value(T stored) {
+    const C x = to_compute(stored);
+    const C a = x < C(0) ? -x : x;  // NaN stays NaN
+    if constexpr (kExactSquares) {
+      q1 += a;
+      q2 = fmaf(a, a, q2);
+    } else {
+      const double d = double(a);
+      s1 += d;
+      s2 = fma(d, d, s2);
+    }
+    mx = a > mx ? a : mx;  // NaN compares false: max over non-NaN values
+    counts[row_of(x, min_exp, nb) << 9] += 1;
+  }
+  __device__ __forceinline__ void end_vector() {
+    if constexpr (kExactSquares) {
+      s1 += q1;
+      s2 += q2;
+      q1 = q2 = 0.f;
+    }
+  }
+
+  __device__ void run(const T* p, int64_t n) {
+    constexpr int V = 16 / int(sizeof(T));
+    int64_t done = 0;
+    if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {  // block-uniform: one chunk, one pointer
+      const int64_t nvec = n / V;
+      const uint4* pv = reinterpret_cast<const uint4*>(p);
+      // Two 16-byte loads in flight per thread before either is processed.
+      for (int64_t k = threadIdx.x; k < nvec; k += 2 * kThreads) {
+        const bool second = k + kThreads < nvec;
+        uint4 raw[2];
+        raw[0] = __ldg(pv + k);
+        if (second) raw[1] = __ldg(pv + k + kThreads);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (h == 1 && !second) break;
+          const T* vals = reinterpret_cast<const T*>(&raw[h]);
+#pragma unroll
+          for (int j = 0; j < V; ++j) value(vals[j]);
+          end_vector();
+        }
+      }
+      done = nvec * V;
+    }
+    for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
+      value(p[i]);
+      end_vector();
+    }
+  }
+};
+
+template <typename T>
+__device__ void stats_chunk(const StatsArgs& a, int64_t w, int t, const T* p, int64_t n) {
+  extern __shared__ uint32_t counter_words[];  // [rows][kThreads / 4] words of byte counters
   __shared__ double scratch[kWarps + 1];
-  const int nslots = a.num_bins + 4;
-  const int warp = threadIdx.x >> 5;
-  for (int i = threadIdx.x; i < kWarps * kMaxSlots; i += kThreads) (&hist[0][0])[i] = 0u;
+  __shared__ unsigned long long special[kNumCounts];
+  const int nb = a.hist ? a.num_bins : 0;
+  const int rows = kFirstBinRow + (a.hist ? a.num_bins : 1);
+  for (int i = threadIdx.x; i < rows * (kThreads / 4); i += kThreads) counter_words[i] = 0u;
   __syncthreads();
 
-  double s1 = 0.0, s2 = 0.0, mx = 0.0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const C v = load<C>(p, i, dt);
-    const double x = fabs(double(v));
-    s1 += x;
-    s2 += x * x;
-    mx = x > mx ? x : mx;  // NaN compares false: max over non-NaN values
-    atomicAdd(&hist[warp][slot_of(v, a.min_exp, a.num_bins)], 1u);
-  }
-  s1 = block_reduce<false>(s1, scratch);
-  s2 = block_reduce<false>(s2, scratch);
-  mx = block_reduce<true>(mx, scratch);
+  // Thread tid owns byte tid / 128 of word tid % 128 of each row: a warp's 32
+  // threads touch 32 different banks whatever rows their values fall in.
+  ChunkPass<T> cp;
+  cp.counts = reinterpret_cast<unsigned char*>(counter_words) + (((threadIdx.x & 127) << 2) | (threadIdx.x >> 7));
+  cp.min_exp = a.min_exp;
+  cp.nb = nb;
+  cp.run(p, n);
+  const double s1 = block_reduce<false>(cp.s1, scratch);
+  const double s2 = block_reduce<false>(cp.s2, scratch);
+  const double mx = block_reduce<true>(double(cp.mx), scratch);  // (block_reduce syncs: counters complete)
 
-  // Integer counts: sum the warp histograms, one global atomic per non-zero slot.
+  // Each warp sums whole rows (4 counter bytes per word, dp4a), one global atomic per non-zero row.
   unsigned long long* crow = a.counts + int64_t(t) * a.ncounts;
-  __shared__ unsigned long long special[kNumCounts];
-  for (int s = threadIdx.x; s < nslots; s += kThreads) {
-    unsigned long long c = 0;
-    for (int k = 0; k < kWarps; ++k) c += hist[k][s];
-    int col;
-    if (s < a.num_bins) col = a.hist ? kNumCounts + s : -1;
-    else col = s == a.num_bins ? 3 : s - a.num_bins - 1;  // zero -> 3, NaN -> 0, +Inf -> 1, -Inf -> 2
-    if (s >= a.num_bins) special[col] = c;
-    if (col >= 0 && c) atomicAdd(crow + col, c);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int r = warp; r < rows; r += kWarps) {
+    unsigned int c = 0;  // unsigned dp4a: counter bytes reach 135
+    for (int k = lane; k < kThreads / 4; k += 32) c = __dp4a(counter_words[r * (kThreads / 4) + k], 0x01010101u, c);
+    for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+    if (lane == 0) {
+      // columns (fastgrad/spec.py): NaN 0, +Inf 1, -Inf 2, zero 3, bins from 4
+      const int col = r == kRowZero ? 3 : r == kRowNan ? 0 : r == kRowPosInf ? 1 : r == kRowNegInf ? 2
+                                                                                  : (a.hist ? kNumCounts + r - kFirstBinRow : -1);
+      if (r < kFirstBinRow) special[col] = (unsigned long long)c;
+      if (col >= 0 && c) atomicAdd(crow + col, (unsigned long long)c);
+    }
   }
   __syncthreads();
   const bool has_nan = special[0] > 0, has_inf = special[1] + special[2] > 0;
 
   double* out = a.partials + w * (2 * a.np + 1);
+  // bfloat16 squares summed in float overflow from |x| >= 2^62 and lose bits below 2^-63.
+  const bool float_range = sizeof(T) != 2 || (mx < 0x1p62 && (mx >= 0x1p-40 || mx == 0.0));
   for (int j = 0; j < a.np; ++j) {
     const double pj = a.ps[j];
     double s = pj == 1.0 ? s1 : s2, m = 1.0;
     const bool special_chunk = has_nan || has_inf || mx == 0.0;
-    const bool fast = (pj == 1.0 || pj == 2.0) &&
-                      (sizeof(C) == 4 || (isfinite(s) && !(pj == 2.0 && mx < 0x1p-500)));
+    const bool fast = (pj == 1.0 || pj == 2.0) && float_range &&
+                      (sizeof(T) < 8 || (isfinite(s) && !(pj == 2.0 && mx < 0x1p-500)));
     if (!special_chunk && !fast) {  // block-uniform branch: every value here came from a reduction
       int k;
       frexp(mx, &k);
       const double inv = ldexp(1.0, -k);
       double acc = 0.0;
-      for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-        const double x = fabs(double(load<C>(p, i, dt))) * inv;
+      for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+        const double x = fabs(double(to_compute(p[i]))) * inv;
         acc += pj == 2.0 ? x * x : (pj == 1.0 ? x : pow(x, pj));
       }
       s = block_reduce<false>(acc, scratch);
@@ -191,11 +256,14 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(StatsArgs a) {
   const int64_t w = blockIdx.x;
   const int t = a.item_tensor[w];
   const int64_t begin = a.item_begin[w];
-  const int64_t end = min(begin + kChunk, a.numels[t]);
-  const void* p = reinterpret_cast<const void*>(a.ptrs[t]);
-  const int32_t dt = a.dtypes[t];
-  if (dt == kF64) stats_chunk<double>(a, w, t, p, dt, begin, end);
-  else stats_chunk<float>(a, w, t, p, dt, begin, end);
+  const int64_t n = min(begin + kChunk, a.numels[t]) - begin;
+  const char* base = reinterpret_cast<const char*>(a.ptrs[t]);
+  switch (a.dtypes[t]) {  // block-uniform
+    case kF32: stats_chunk(a, w, t, reinterpret_cast<const float*>(base) + begin, n); break;
+    case kF64: stats_chunk(a, w, t, reinterpret_cast<const double*>(base) + begin, n); break;
+    case kBF16: stats_chunk(a, w, t, reinterpret_cast<const __nv_bfloat16*>(base) + begin, n); break;
+    default: stats_chunk(a, w, t, reinterpret_cast<const __half*>(base) + begin, n);
+  }
 }
 
 // One warp per tensor: norm = M * (sum_c s_c (m_c/M)^p)^(1/p), M = max m_c over
@@ -245,18 +313,48 @@ __global__ void combine_kernel(const double* partials, const int64_t* first_item
 // ---- in-place elementwise ops over the same item table ----
 
 template <typename Op>
-__device__ void apply_chunk(void* p, int32_t dt, int64_t begin, int64_t end, Op op) {
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    switch (dt) {
-      case kF32: { float* q = static_cast<float*>(p); q[i] = op(q[i]); break; }
-      case kF64: { double* q = static_cast<double*>(p); q[i] = op(q[i]); break; }
-      case kBF16: {
-        __nv_bfloat16* q = static_cast<__nv_bfloat16*>(p);
-        q[i] = __float2bfloat16_rn(op(__bfloat162float(q[i])));
-        break;
-      }
-      default: { __half* q = static_cast<__half*>(p); q[i] = __float2half_rn(op(__half2float(q[i]))); }
+__device__ __forceinline__ float apply(const Op& op, float v) { return op(v); }
+template <typename Op>
+__device__ __forceinline__ double apply(const Op& op, double v) { return op(v); }
+template <typename Op>
+__device__ __forceinline__ __nv_bfloat16 apply(const Op& op, __nv_bfloat16 v) {
+  return __float2bfloat16_rn(op(__bfloat162float(v)));
+}
+template <typename Op>
+__device__ __forceinline__ __half apply(const Op& op, __half v) { return __float2half_rn(op(__half2float(v))); }
+
+// x = op(x) over one chunk, 16 bytes at a time when the chunk is aligned.
+template <typename T, typename Op>
+__device__ void apply_chunk(T* p, int64_t n, const Op& op) {
+  constexpr int V = 16 / int(sizeof(T));
+  int64_t done = 0;
+  if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {
+    const int64_t nvec = n / V;
+    uint4* pv = reinterpret_cast<uint4*>(p);
+    for (int64_t k = threadIdx.x; k < nvec; k += kThreads) {
+      uint4 raw = pv[k];
+      T* vals = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < V; ++j) vals[j] = apply(op, vals[j]);
+      pv[k] = raw;
     }
+    done = nvec * V;
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) p[i] = apply(op, p[i]);
+}
+
+template <typename Op>
+__device__ void apply_item(const int64_t* ptrs, const int32_t* dtypes, const int64_t* numels,
+                           const int32_t* item_tensor, const int64_t* item_begin, const Op& op) {
+  const int t = item_tensor[blockIdx.x];
+  const int64_t b = item_begin[blockIdx.x];
+  const int64_t n = min(b + kChunk, numels[t]) - b;
+  char* base = reinterpret_cast<char*>(ptrs[t]);
+  switch (dtypes[t]) {  // block-uniform
+    case kF32: apply_chunk(reinterpret_cast<float*>(base) + b, n, op); break;
+    case kF64: apply_chunk(reinterpret_cast<double*>(base) + b, n, op); break;
+    case kBF16: apply_chunk(reinterpret_cast<__nv_bfloat16*>(base) + b, n, op); break;
+    default: apply_chunk(reinterpret_cast<__half*>(base) + b, n, op);
   }
 }
 
@@ -277,17 +375,13 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const int64_t* ptrs, co
                                                          const int64_t* item_begin, const double* coef) {
   const double c = *coef;
   if (c == 1.0) return;  // min(max_norm / norm, 1) == 1: nothing to write, decided on the device
-  const int t = item_tensor[blockIdx.x];
-  const int64_t b = item_begin[blockIdx.x];
-  apply_chunk(reinterpret_cast<void*>(ptrs[t]), dtypes[t], b, min(b + kChunk, numels[t]), ScaleOp{c});
+  apply_item(ptrs, dtypes, numels, item_tensor, item_begin, ScaleOp{c});
 }
 
 __global__ void __launch_bounds__(kThreads) clamp_kernel(const int64_t* ptrs, const int32_t* dtypes,
                                                          const int64_t* numels, const int32_t* item_tensor,
                                                          const int64_t* item_begin, double lo, double hi) {
-  const int t = item_tensor[blockIdx.x];
-  const int64_t b = item_begin[blockIdx.x];
-  apply_chunk(reinterpret_cast<void*>(ptrs[t]), dtypes[t], b, min(b + kChunk, numels[t]), ClampOp{lo, hi});
+  apply_item(ptrs, dtypes, numels, item_tensor, item_begin, ClampOp{lo, hi});
 }
 
 void check(cudaError_t e, const char* what) {
@@ -318,7 +412,19 @@ void launch_stats(int64_t ptrs, int64_t dtypes, int64_t numels, int64_t item_ten
   a.hist = hist;
   check(cudaMemsetAsync(a.counts, 0, sizeof(unsigned long long) * num_tensors * a.ncounts, stream), "memset");
   if (num_items > 0) {
-    stats_kernel<<<unsigned(num_items), kThreads, 0, stream>>>(a);
+    const int rows = kFirstBinRow + (hist ? a.num_bins : 1);
+    const size_t smem = size_t(rows) * kThreads;  // one byte counter per thread and row
+    if (smem > 48 * 1024) {  // beyond the default limit: opt in (a per-device function attribute)
+      static size_t allowed[64] = {};
+      int dev = 0;
+      check(cudaGetDevice(&dev), "cudaGetDevice");
+      if (dev >= 64 || smem > allowed[dev]) {
+        check(cudaFuncSetAttribute(stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+              "shared memory for this many histogram bins (narrow the HistogramSpec)");
+        if (dev < 64) allowed[dev] = smem;
+      }
+    }
+    stats_kernel<<<unsigned(num_items), kThreads, smem, stream>>>(a);
     check(cudaGetLastError(), "stats_kernel");
   }
   if (num_tensors > 0) {
