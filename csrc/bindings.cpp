@@ -38,8 +38,11 @@ PyObject* call0(PyObject* obj, PyObject* name) {
 // one of the four `dtypes` (codes 0..3). Returns false, with no Python error
 // set, for anything else: the caller then takes its general path, which also
 // says what is wrong with the input.
-bool read_plain_cpu_tensors(PyObject* list, PyObject* tensor_type, PyObject* const dtypes[4],
-                            PyObject* strided, std::vector<fastgrad::TensorDesc>& descs, int& dtype_mask) {
+bool read_plain_cpu_tensors(const py::list& tensors, py::handle tensor_type, const py::tuple& dtype_objs,
+                            py::handle strided, std::vector<fastgrad::TensorDesc>& descs, int& dtype_mask) {
+  PyObject* list = tensors.ptr();
+  PyObject* dtypes[4];
+  for (int c = 0; c < 4; ++c) dtypes[c] = dtype_objs[c].ptr();
   static PyObject* s_is_cpu = PyUnicode_InternFromString("is_cpu");
   static PyObject* s_layout = PyUnicode_InternFromString("layout");
   static PyObject* s_dtype = PyUnicode_InternFromString("dtype");
@@ -51,13 +54,13 @@ bool read_plain_cpu_tensors(PyObject* list, PyObject* tensor_type, PyObject* con
   dtype_mask = 0;
   for (Py_ssize_t i = 0; i < T; ++i) {
     PyObject* t = PyList_GET_ITEM(list, i);
-    if (Py_TYPE(t) != (PyTypeObject*)tensor_type) return false;
+    if (Py_TYPE(t) != (PyTypeObject*)tensor_type.ptr()) return false;
     PyObject* r = PyObject_GetAttr(t, s_is_cpu);
     bool ok = r == Py_True;
     Py_XDECREF(r);
     if (ok) {
       r = PyObject_GetAttr(t, s_layout);
-      ok = r == strided;
+      ok = r == strided.ptr();
       Py_XDECREF(r);
     }
     int code = -1;
@@ -121,11 +124,9 @@ PYBIND11_MODULE(_C, m) {
       [](py::list tensors, py::handle tensor_type, py::tuple dtypes, py::handle strided,
          const std::vector<double>& ps, bool hist, int min_exp, int max_exp, int64_t out_floats,
          int64_t out_counts, int64_t out_numel, int num_threads) {
-        PyObject* dt[4];
-        for (int c = 0; c < 4; ++c) dt[c] = dtypes[c].ptr();
         std::vector<fastgrad::TensorDesc> descs;
         int mask = 0;
-        if (!read_plain_cpu_tensors(tensors.ptr(), tensor_type.ptr(), dt, strided.ptr(), descs, mask)) return 0;
+        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask)) return 0;
         const int64_t T = int64_t(descs.size());
         int64_t* numel = reinterpret_cast<int64_t*>(out_numel);
         numel[T] = 0;
@@ -146,11 +147,9 @@ PYBIND11_MODULE(_C, m) {
       "scale_list",
       [](py::list tensors, py::handle tensor_type, py::tuple dtypes, py::handle strided, int64_t coef_ptr,
          int num_threads) {
-        PyObject* dt[4];
-        for (int c = 0; c < 4; ++c) dt[c] = dtypes[c].ptr();
         std::vector<fastgrad::TensorDesc> descs;
         int mask = 0;
-        if (!read_plain_cpu_tensors(tensors.ptr(), tensor_type.ptr(), dt, strided.ptr(), descs, mask)) return false;
+        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask)) return false;
         const double coef = *reinterpret_cast<const double*>(coef_ptr);
         py::gil_scoped_release nogil;
         fastgrad::scale_cpu(descs, coef, num_threads);
@@ -163,11 +162,9 @@ PYBIND11_MODULE(_C, m) {
       "clamp_list",
       [](py::list tensors, py::handle tensor_type, py::tuple dtypes, py::handle strided, double lo, double hi,
          int num_threads) {
-        PyObject* dt[4];
-        for (int c = 0; c < 4; ++c) dt[c] = dtypes[c].ptr();
         std::vector<fastgrad::TensorDesc> descs;
         int mask = 0;
-        if (!read_plain_cpu_tensors(tensors.ptr(), tensor_type.ptr(), dt, strided.ptr(), descs, mask)) return false;
+        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask)) return false;
         py::gil_scoped_release nogil;
         fastgrad::clamp_cpu(descs, lo, hi, num_threads);
         return true;

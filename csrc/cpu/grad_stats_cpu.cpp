@@ -312,6 +312,23 @@ struct WideCounts {
 };
 static_assert(kChunk / 16 < 65536 && 4 * kNibbleCounters == 16, "WideCounts layout");
 
+// Whether float sums of a block's squares (15 a lane) may be wrong: for
+// bfloat16 (float16's never are) a run's sum can overflow once |x| >= 2^62,
+// and values below 2^-63 square to subnormals, which only matters if nothing
+// much larger is in the block. Such blocks are summed again in double.
+inline bool float_squares_unsafe(double block_max) {
+  return block_max >= 0x1p62 || (block_max > 0 && block_max < 0x1p-40);
+}
+template <typename In>
+inline double double_square_sum(const In* __restrict x, int64_t nv) {
+  double s2 = 0;
+  for (int64_t i = 0; i < nv; ++i) {
+    const double v = double(value(x[i]));
+    s2 += v * v;
+  }
+  return s2;
+}
+
 // Counts the NaN and +-Inf among x[0, nv) into keys; returns how many.
 template <typename In>
 inline int64_t count_nonfinite(const In* __restrict x, int64_t nv, uint32_t* __restrict keys) {
@@ -448,16 +465,7 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
     zeros += c_zero[l];
   }
   const double m = std::max(acc.maxabs, block_max);
-  // bfloat16 squares (float16's never do): a run's float sum can overflow
-  // once |x| >= 2^62, and values below 2^-63 square to subnormals, which
-  // only matters if nothing much larger is in the block.
-  if (kFloatSquares && (block_max >= 0x1p62 || (block_max > 0 && block_max < 0x1p-40))) {
-    s2 = 0;
-    for (int64_t i = 0; i < nv; ++i) {
-      const double a = double(value(x[i]));
-      s2 += a * a;
-    }
-  }
+  if (kFloatSquares && float_squares_unsafe(block_max)) s2 = double_square_sum(x, nv);
   keys[kExpKeys + kZero] += uint32_t(zeros);
   // Finite floats cannot overflow a double sum: a NaN or Inf shows in s2.
   const int64_t nonfinite = std::isfinite(s2) ? 0 : count_nonfinite(x, nv, keys);
@@ -561,13 +569,7 @@ inline void block_pass_bf16(const BF16* __restrict x, int64_t n, BlockAcc& acc, 
       block_max = v > block_max ? v : block_max;
     }
   }
-  if (block_max >= 0x1p62 || (block_max > 0 && block_max < 0x1p-40)) {  // see block_pass
-    s2 = 0;
-    for (int64_t i = 0; i < nv; ++i) {
-      const double v = double(value(x[i]));
-      s2 += v * v;
-    }
-  }
+  if (float_squares_unsafe(block_max)) s2 = double_square_sum(x, nv);
   keys[kExpKeys + kZero] += uint32_t(zeros);
   const int64_t nonfinite = std::isfinite(s2) ? 0 : count_nonfinite(x, nv, keys);
   if constexpr (kHist) {
