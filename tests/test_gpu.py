@@ -66,6 +66,23 @@ def test_float32_extremes(backend):
     check(backend, [x, x * 1e-70, x.double() * 1e170])
 
 
+@pytest.mark.parametrize("bins", [(-64, 16), (-74, 16), (-126, 128)], ids=["default", "91_bins", "widest"])
+def test_histogram_widths(backend, bins):
+    """Bin counts around the CUDA kernel's 48 KiB shared-memory opt-in, and the widest spec."""
+    ts = [make_tensor(200_003, torch.float32, "wide").cuda(), make_tensor(70_001, torch.bfloat16, "wide").cuda()]
+    check(backend, ts, StatsSpec((2.0, 1.0), HistogramSpec(*bins)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_chunks_near_float_range(backend, dtype):
+    """16-bit values summed in float first: finite chunks whose squares leave float's range."""
+    x = make_tensor(140_000, torch.float64)
+    scales = [1.0, 2.0**-70, 2.0**-45] + ([1e30, 2.0**70] if dtype == torch.bfloat16 else [])
+    ts = [(x * s).to(dtype).cuda() for s in scales]
+    check(backend, ts, make_spec((2.0, 1.0, "inf"), True))
+    check(backend, ts, make_spec((2.0,), False))
+
+
 def test_bitwise_deterministic(backend):
     ts = [make_tensor(3_000_001, torch.float32, "wide").cuda(), make_tensor(70_000, torch.bfloat16).cuda()]
     a, b = backend.stats(ts, SPEC), backend.stats(ts, SPEC)

@@ -33,6 +33,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -180,11 +181,11 @@ struct ChunkPass {
   }
 };
 
+// scratch: kWarps + 1 doubles, special: kNumCounts counts, both shared.
 template <typename T>
-__device__ void stats_chunk(const StatsArgs& a, int64_t w, int t, const T* p, int64_t n) {
+__device__ void stats_chunk(const StatsArgs& a, int64_t w, int t, const T* p, int64_t n, double* scratch,
+                            unsigned long long* special) {
   extern __shared__ uint32_t counter_words[];  // [rows][kThreads / 4] words of byte counters
-  __shared__ double scratch[kWarps + 1];
-  __shared__ unsigned long long special[kNumCounts];
   const int nb = a.hist ? a.num_bins : 0;
   const int rows = kFirstBinRow + (a.hist ? a.num_bins : 1);
   for (int i = threadIdx.x; i < rows * (kThreads / 4); i += kThreads) counter_words[i] = 0u;
@@ -205,7 +206,7 @@ __device__ void stats_chunk(const StatsArgs& a, int64_t w, int t, const T* p, in
   unsigned long long* crow = a.counts + int64_t(t) * a.ncounts;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int r = warp; r < rows; r += kWarps) {
-    unsigned int c = 0;  // unsigned dp4a: counter bytes reach 135
+    unsigned int c = 0;  // unsigned dp4a: counter bytes reach 129 (128 vector values + 1 tail value)
     for (int k = lane; k < kThreads / 4; k += 32) c = __dp4a(counter_words[r * (kThreads / 4) + k], 0x01010101u, c);
     for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
     if (lane == 0) {
@@ -258,11 +259,17 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(StatsArgs a) {
   const int64_t begin = a.item_begin[w];
   const int64_t n = min(begin + kChunk, a.numels[t]) - begin;
   const char* base = reinterpret_cast<const char*>(a.ptrs[t]);
+  // Declared here, not in the four stats_chunk instances, so that the static
+  // shared memory is counted once.
+  __shared__ double scratch[kWarps + 1];
+  __shared__ unsigned long long special[kNumCounts];
   switch (a.dtypes[t]) {  // block-uniform
-    case kF32: stats_chunk(a, w, t, reinterpret_cast<const float*>(base) + begin, n); break;
-    case kF64: stats_chunk(a, w, t, reinterpret_cast<const double*>(base) + begin, n); break;
-    case kBF16: stats_chunk(a, w, t, reinterpret_cast<const __nv_bfloat16*>(base) + begin, n); break;
-    default: stats_chunk(a, w, t, reinterpret_cast<const __half*>(base) + begin, n);
+    case kF32: stats_chunk(a, w, t, reinterpret_cast<const float*>(base) + begin, n, scratch, special); break;
+    case kF64: stats_chunk(a, w, t, reinterpret_cast<const double*>(base) + begin, n, scratch, special); break;
+    case kBF16:
+      stats_chunk(a, w, t, reinterpret_cast<const __nv_bfloat16*>(base) + begin, n, scratch, special);
+      break;
+    default: stats_chunk(a, w, t, reinterpret_cast<const __half*>(base) + begin, n, scratch, special);
   }
 }
 
@@ -316,12 +323,19 @@ template <typename Op>
 __device__ __forceinline__ float apply(const Op& op, float v) { return op(v); }
 template <typename Op>
 __device__ __forceinline__ double apply(const Op& op, double v) { return op(v); }
+// 16-bit values go through float; a NaN is returned as it was stored (sign
+// and payload kept, as torch's clamp does; float -> 16-bit rounding would
+// make it the canonical NaN).
 template <typename Op>
 __device__ __forceinline__ __nv_bfloat16 apply(const Op& op, __nv_bfloat16 v) {
-  return __float2bfloat16_rn(op(__bfloat162float(v)));
+  const float f = __bfloat162float(v);
+  return f != f ? v : __float2bfloat16_rn(op(f));
 }
 template <typename Op>
-__device__ __forceinline__ __half apply(const Op& op, __half v) { return __float2half_rn(op(__half2float(v))); }
+__device__ __forceinline__ __half apply(const Op& op, __half v) {
+  const float f = __half2float(v);
+  return f != f ? v : __float2half_rn(op(f));
+}
 
 // x = op(x) over one chunk, 16 bytes at a time when the chunk is aligned.
 template <typename T, typename Op>
@@ -388,6 +402,30 @@ void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("fastgrad CUDA: ") + what + ": " + cudaGetErrorString(e));
 }
 
+// Lets stats_kernel take `dynamic` bytes of dynamic shared memory on the
+// current device: the default limit is 48 KiB including the kernel's static
+// shared memory; beyond it the kernel must opt in (a per-device function
+// attribute, only ever raised here, under a lock), up to the device's cap.
+void reserve_stats_smem(size_t dynamic) {
+  static std::mutex lock;
+  static size_t allowed[64] = {};  // per device: the attribute's value set so far
+  cudaFuncAttributes attr{};
+  check(cudaFuncGetAttributes(&attr, stats_kernel), "cudaFuncGetAttributes");
+  if (dynamic + attr.sharedSizeBytes <= 48 * 1024) return;
+  int dev = 0, cap = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&cap, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+  if (dynamic + attr.sharedSizeBytes > size_t(cap))
+    throw std::runtime_error("fastgrad CUDA: a histogram this wide needs " + std::to_string(dynamic) +
+                             " bytes of shared memory per block, more than this GPU allows (" +
+                             std::to_string(cap) + "); narrow the HistogramSpec (fewer bins)");
+  std::lock_guard<std::mutex> guard(lock);
+  if (dev < 64 && dynamic <= allowed[dev]) return;
+  check(cudaFuncSetAttribute(stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic)),
+        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  if (dev < 64) allowed[dev] = dynamic;
+}
+
 // Grid dimension x holds up to 2^31-1 blocks: 2^31 chunks of 2^16 elements is far beyond any tensor.
 void launch_stats(int64_t ptrs, int64_t dtypes, int64_t numels, int64_t item_tensor, int64_t item_begin,
                   int64_t first_item, int64_t num_items, int64_t num_tensors, const std::vector<double>& ps,
@@ -414,16 +452,7 @@ void launch_stats(int64_t ptrs, int64_t dtypes, int64_t numels, int64_t item_ten
   if (num_items > 0) {
     const int rows = kFirstBinRow + (hist ? a.num_bins : 1);
     const size_t smem = size_t(rows) * kThreads;  // one byte counter per thread and row
-    if (smem > 48 * 1024) {  // beyond the default limit: opt in (a per-device function attribute)
-      static size_t allowed[64] = {};
-      int dev = 0;
-      check(cudaGetDevice(&dev), "cudaGetDevice");
-      if (dev >= 64 || smem > allowed[dev]) {
-        check(cudaFuncSetAttribute(stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-              "shared memory for this many histogram bins (narrow the HistogramSpec)");
-        if (dev < 64) allowed[dev] = smem;
-      }
-    }
+    reserve_stats_smem(smem);
     stats_kernel<<<unsigned(num_items), kThreads, smem, stream>>>(a);
     check(cudaGetLastError(), "stats_kernel");
   }
