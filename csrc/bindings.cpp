@@ -111,13 +111,20 @@ PYBIND11_MODULE(_C, m) {
       "grad_stats",
       [](const Ints& ptrs, const Ints& dtypes, const Ints& numels, const Ints& layout, const Ints& dims,
          const std::vector<double>& ps, bool hist, int min_exp, int max_exp, int64_t out_floats,
-         int64_t out_counts, int num_threads) {
+         int64_t out_counts, int num_threads, bool with_total) {
         auto descs = fastgrad::make_descs(ptrs, dtypes, numels, layout, dims);
         py::gil_scoped_release nogil;
-        fastgrad::grad_stats_cpu(descs, ps, hist, min_exp, max_exp, reinterpret_cast<double*>(out_floats),
-                                 reinterpret_cast<int64_t*>(out_counts), num_threads);
+        double* floats = reinterpret_cast<double*>(out_floats);
+        int64_t* counts = reinterpret_cast<int64_t*>(out_counts);
+        fastgrad::grad_stats_cpu(descs, ps, hist, min_exp, max_exp, floats, counts, num_threads);
+        if (with_total)
+          fastgrad::total_row_cpu(ps, int64_t(descs.size()), 4 + (hist ? max_exp - min_exp + 2 : 0), floats, counts);
       },
-      "Fill the float64 [T, P+1] and int64 [T, 4+B] statistics tables (see fastgrad/spec.py).");
+      py::arg("ptrs"), py::arg("dtypes"), py::arg("numels"), py::arg("layout"), py::arg("dims"), py::arg("ps"),
+      py::arg("hist"), py::arg("min_exp"), py::arg("max_exp"), py::arg("out_floats"), py::arg("out_counts"),
+      py::arg("num_threads"), py::arg("with_total") = false,
+      "Fill the float64 [T, P+1] and int64 [T, 4+B] statistics tables (see fastgrad/spec.py); with_total: "
+      "tables of T + 1 rows, row T the total.");
 
   m.def(
       "grad_stats_list",

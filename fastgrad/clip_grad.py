@@ -31,7 +31,7 @@ import torch
 
 from . import distributed
 from .collect import check_grads, promoted_dtype
-from .ops import clamp_op_, grad_stats_op, plain_stats_op, scale_op_
+from .ops import clamp_op_, full_stats_op, grad_stats_op, plain_stats_op, scale_op_
 from .spec import StatsSpec, parse_norm_type
 from .stats import build_stats
 
@@ -93,13 +93,18 @@ def _total_norm(
         check_grads(names, grads)
         dtype = promoted_dtype(grads)
         plan = distributed.plan(names, grads, process_group, placements)
-        if plan is not None:
-            grads = plan.local
-        raw = grad_stats_op(grads, spec, backend)
-        if plan is not None and plan.communicate:
-            total = distributed.reduce_total_norm(raw, p, plan, [g.dtype for g in grads])
+        full = full_stats_op(grads, spec, backend) if plan is None else None
+        if full is not None:  # the backend made the total row: no aggregation ops
+            raw, numel, total_raw = full
+            total = build_stats(names, grads, spec, raw, None, numel=numel, total=total_raw).total_norm
         else:
-            total = build_stats(names, grads, spec, raw, None).total_norm
+            if plan is not None:
+                grads = plan.local
+            raw = grad_stats_op(grads, spec, backend)
+            if plan is not None and plan.communicate:
+                total = distributed.reduce_total_norm(raw, p, plan, [g.dtype for g in grads])
+            else:
+                total = build_stats(names, grads, spec, raw, None).total_norm
     if error_if_nonfinite and not bool(total.isfinite()):  # the one sync torch also makes
         raise _nonfinite_error(names, grads, raw, p)
     return total, dtype

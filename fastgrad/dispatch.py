@@ -97,6 +97,20 @@ def _route(tensors: Sequence[torch.Tensor], backend: str | None):
 _CPU = torch.device("cpu")
 
 
+def compute_full_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None):
+    """``(raw, numel [T + 1], total)`` when all tensors go to one backend that makes the total row
+    itself (``stats_full``: cpu, cuda), saving the dozen small torch ops (launches, on a GPU) of
+    :func:`fastgrad.aggregate.aggregate`; else None."""
+    if not tensors:
+        return None
+    routes = _route(tensors, backend)
+    if len(routes) != 1:
+        return None
+    (_, b), _ = next(iter(routes.items()))
+    full = getattr(b, "stats_full", None)
+    return None if full is None else full(list(tensors), spec)
+
+
 def plain_cpu_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None):
     """``(raw, numel, total, dtypes)`` for the common case, every tensor a plain contiguous CPU
     tensor going to the C++ backend, in one C++ call that reads each tensor's metadata once; else None.

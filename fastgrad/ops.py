@@ -86,6 +86,14 @@ def plain_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str 
     return dispatch.plain_cpu_stats(grads, spec, backend)
 
 
+def full_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None):
+    """Eager: ``(raw, numel, total)`` from a backend that makes the total row itself, or None
+    (see :func:`fastgrad.dispatch.compute_full_stats`); always None while compiling."""
+    if _compiling():
+        return None
+    return dispatch.compute_full_stats(grads, spec, backend)
+
+
 def scale_op_(grads: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | None) -> None:
     if not _compiling():
         return dispatch.scale_(grads, coef, backend or None)

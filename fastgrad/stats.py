@@ -10,7 +10,7 @@ import torch
 
 from . import aggregate, distributed
 from .collect import check_grads, collect
-from .ops import grad_stats_op, plain_stats_op
+from .ops import full_stats_op, grad_stats_op, plain_stats_op
 from .spec import COUNT_NAMES, NAN, NEGINF, NUM_COUNTS, POSINF, ZERO, HistogramSpec, RawStats, StatsSpec, make_spec
 
 
@@ -319,6 +319,10 @@ def grad_stats(
     check_grads(collected.names, collected.grads)
     plan = distributed.plan(collected.names, collected.grads, process_group, placements)
     if plan is None:
+        full = full_stats_op(collected.grads, spec, backend)
+        if full is not None:
+            raw, numel, total = full
+            return build_stats(collected.names, collected.grads, spec, raw, labels, numel=numel, total=total)
         raw = grad_stats_op(collected.grads, spec, backend)
         return build_stats(collected.names, collected.grads, spec, raw, labels)
     raw, numel = distributed.reduce_raw(grad_stats_op(plan.local, spec, backend), spec, plan)

@@ -177,3 +177,26 @@ def test_plain_fast_path_in_place_declines_without_writing():
     assert all(torch.equal(t, torch.ones_like(t)) for t in ts)
     dispatch.scale_(ts, torch.tensor(0.5, dtype=torch.float64))  # the general path handles it
     assert all(torch.equal(t, torch.full_like(t, 0.5)) for t in ts)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_full_stats_total_row_equals_aggregation(backend):
+    """Backends with ``stats_full`` (cpu, cuda) make the total row themselves; it equals the
+    aggregation of their rows, and element counts come with their sum."""
+    ts = _plain_inputs() + [torch.randn(8, 6).t(), torch.randn(10)[::3].to(torch.bfloat16)]  # views too
+    spec = fastgrad.spec.make_spec((2, 1, 3, "inf"), True)
+    b = fastgrad.get_backend(backend)
+    if b.why_not(torch.device("cpu"), torch.float32) is not None:
+        pytest.skip(b.why_not(torch.device("cpu"), torch.float32))
+    full = dispatch.compute_full_stats(ts, spec, backend)
+    if not hasattr(b, "stats_full"):
+        assert full is None
+        return
+    raw, numel, total = full
+    assert torch.equal(raw.counts, b.stats(ts, spec).counts)
+    assert numel.tolist() == [t.numel() for t in ts] + [sum(t.numel() for t in ts)]
+    want = fastgrad.aggregate.aggregate(raw, spec, fastgrad.aggregate.TOTAL)
+    assert torch.equal(total.counts, want.counts)
+    torch.testing.assert_close(total.floats, want.floats, rtol=1e-15, atol=0, equal_nan=True)
+    st = fastgrad.grad_stats(ts, backend=backend, norm_types=(2, 1, 3, "inf"))  # the general path uses it
+    assert torch.equal(st.total.raw.floats.nan_to_num(), total.floats.nan_to_num())

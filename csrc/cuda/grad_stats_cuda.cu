@@ -18,7 +18,10 @@
 //      counts into its own byte counters in shared memory (no atomics, no
 //      bank conflicts), summed once at the end of the chunk,
 //   3. combine_kernel: one warp per tensor folds that tensor's partials in a
-//      fixed order (lane-strided, then a shuffle tree).
+//      fixed order (lane-strided, then a shuffle tree); the block that
+//      finishes last (a ticket counter zeroed by the memset) then combines
+//      the per-tensor rows into the total row T, in row order. The total's
+//      counts are added by stats_kernel alongside the tensor's own.
 // No floating-point atomics anywhere: results are bitwise reproducible.
 //
 // Accumulation is in double, so float32 values up to 3.4e38 cannot
@@ -32,6 +35,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 #include <stdexcept>
@@ -59,7 +63,8 @@ struct StatsArgs {
   const int32_t* item_tensor;  // [W]
   const int64_t* item_begin;   // [W]
   double* partials;            // [W, 2 * np + 1]
-  unsigned long long* counts;  // [T, ncounts], zeroed
+  unsigned long long* counts;  // [T + 1, ncounts] (row T: the total), zeroed
+  int64_t num_tensors;
   double ps[kMaxNorms];
   int np, min_exp, num_bins, ncounts;
   bool hist;
@@ -101,20 +106,20 @@ __device__ __forceinline__ double warp_max(double v) {
   for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
-template <bool kMax>
-__device__ double block_reduce(double v, double* scratch) {
+template <bool kMax, int kNumWarps = kWarps>
+__device__ double block_reduce(double v, double* scratch) {  // scratch: kNumWarps + 1 doubles
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   v = kMax ? warp_max(v) : warp_sum(v);
   __syncthreads();  // scratch may still be read from a previous reduction
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < kWarps ? scratch[lane] : 0.0;
+    v = lane < kNumWarps ? scratch[lane] : 0.0;
     v = kMax ? warp_max(v) : warp_sum(v);
-    if (lane == 0) scratch[kWarps] = v;
+    if (lane == 0) scratch[kNumWarps] = v;
   }
   __syncthreads();
-  return scratch[kWarps];
+  return scratch[kNumWarps];
 }
 
 // One thread's share of a chunk: sums, max and byte counts. T: the stored
@@ -204,6 +209,7 @@ __device__ void stats_chunk(const StatsArgs& a, int64_t w, int t, const T* p, in
 
   // Each warp sums whole rows (4 counter bytes per word, dp4a), one global atomic per non-zero row.
   unsigned long long* crow = a.counts + int64_t(t) * a.ncounts;
+  unsigned long long* total_row = a.counts + a.num_tensors * a.ncounts;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int r = warp; r < rows; r += kWarps) {
     unsigned int c = 0;  // unsigned dp4a: counter bytes reach 129 (128 vector values + 1 tail value)
@@ -214,7 +220,10 @@ __device__ void stats_chunk(const StatsArgs& a, int64_t w, int t, const T* p, in
       const int col = r == kRowZero ? 3 : r == kRowNan ? 0 : r == kRowPosInf ? 1 : r == kRowNegInf ? 2
                                                                                   : (a.hist ? kNumCounts + r - kFirstBinRow : -1);
       if (r < kFirstBinRow) special[col] = (unsigned long long)c;
-      if (col >= 0 && c) atomicAdd(crow + col, (unsigned long long)c);
+      if (col >= 0 && c) {
+        atomicAdd(crow + col, (unsigned long long)c);
+        atomicAdd(total_row + col, (unsigned long long)c);
+      }
     }
   }
   __syncthreads();
@@ -280,41 +289,95 @@ struct NormList {
   int np;
 };
 
-__global__ void combine_kernel(const double* partials, const int64_t* first_item, int T, NormList norms,
-                               double* out) {
+constexpr int kCombineWarps = 8;  // warps (= tensors) per combine block
+
+// Row T = the total over rows [0, T) of `out`, in row order (as
+// fastgrad/aggregate.py): norm = M * (sum_t (n_t / M)^p)^(1/p), M = max n_t,
+// NaN if any row is NaN, else Inf if any is; max of max|x|. Whole block.
+__device__ void total_row(const double* out, int T, const NormList& norms, double* scratch) {
   const int np = norms.np;
-  const int t = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (t >= T) return;
-  const int64_t w0 = first_item[t], w1 = first_item[t + 1];
-  const int stride = 2 * np + 1;
-  double* o = out + int64_t(t) * (np + 1);
+  const int64_t nf = np + 1;
+  double* o = const_cast<double*>(out) + int64_t(T) * nf;
   double mx = 0.0;
-  for (int64_t w = w0 + lane; w < w1; w += 32) mx = fmax(mx, partials[w * stride + 2 * np]);
-  mx = warp_max(mx);
-  if (lane == 0) o[np] = mx;
+  for (int t = threadIdx.x; t < T; t += blockDim.x) mx = fmax(mx, __ldcg(out + t * nf + np));
+  mx = block_reduce<true, kCombineWarps>(mx, scratch);
+  if (threadIdx.x == 0) o[np] = mx;
   for (int j = 0; j < np; ++j) {
     const double p = norms.ps[j];
-    double M = 0.0, bad_nan = 0.0, bad_inf = 0.0;
-    for (int64_t w = w0 + lane; w < w1; w += 32) {
-      const double s = partials[w * stride + 2 * j], m = partials[w * stride + 2 * j + 1];
-      bad_nan += isnan(s) ? 1.0 : 0.0;
-      bad_inf += isinf(s) ? 1.0 : 0.0;
-      if (s > 0.0 && m > M) M = m;
+    double M = 0.0, n_nan = 0.0, n_inf = 0.0;
+    for (int t = threadIdx.x; t < T; t += blockDim.x) {
+      const double n = __ldcg(out + t * nf + j);
+      n_nan += isnan(n) ? 1.0 : 0.0;
+      n_inf += isinf(n) ? 1.0 : 0.0;
+      M = n > M ? n : M;
     }
-    M = warp_max(M);
-    bad_nan = warp_sum(bad_nan);
-    bad_inf = warp_sum(bad_inf);
+    M = block_reduce<true, kCombineWarps>(M, scratch);
+    n_nan = block_reduce<false, kCombineWarps>(n_nan, scratch);
+    n_inf = block_reduce<false, kCombineWarps>(n_inf, scratch);
+    const bool finite = n_nan == 0.0 && n_inf == 0.0 && M > 0.0;  // block-uniform
     double S = 0.0;
-    if (M > 0.0)
+    if (finite)
+      for (int t = threadIdx.x; t < T; t += blockDim.x) {
+        const double r = __ldcg(out + t * nf + j) / M;
+        S += p == 2.0 ? r * r : (p == 1.0 ? r : pow(r, p));
+      }
+    S = block_reduce<false, kCombineWarps>(S, scratch);
+    if (threadIdx.x == 0)
+      o[j] = n_nan > 0 ? nan("") : (n_inf > 0 ? HUGE_VAL : (!finite ? 0.0
+             : M * (p == 2.0 ? sqrt(S) : (p == 1.0 ? S : pow(S, 1.0 / p)))));
+  }
+}
+
+__global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const double* partials,
+                                                                     const int64_t* first_item, int T,
+                                                                     NormList norms, double* out,
+                                                                     unsigned int* done) {
+  const int np = norms.np;
+  const int t = blockIdx.x * kCombineWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (t < T) {
+    const int64_t w0 = first_item[t], w1 = first_item[t + 1];
+    const int stride = 2 * np + 1;
+    double* o = out + int64_t(t) * (np + 1);
+    double mx = 0.0;
+    for (int64_t w = w0 + lane; w < w1; w += 32) mx = fmax(mx, partials[w * stride + 2 * np]);
+    mx = warp_max(mx);
+    if (lane == 0) o[np] = mx;
+    for (int j = 0; j < np; ++j) {
+      const double p = norms.ps[j];
+      double M = 0.0, bad_nan = 0.0, bad_inf = 0.0;
       for (int64_t w = w0 + lane; w < w1; w += 32) {
         const double s = partials[w * stride + 2 * j], m = partials[w * stride + 2 * j + 1];
-        if (s > 0.0) S += s * (m == M ? 1.0 : pow(m / M, p));
+        bad_nan += isnan(s) ? 1.0 : 0.0;
+        bad_inf += isinf(s) ? 1.0 : 0.0;
+        if (s > 0.0 && m > M) M = m;
       }
-    S = warp_sum(S);
-    if (lane == 0)
-      o[j] = bad_nan > 0 ? nan("") : (bad_inf > 0 ? HUGE_VAL : (M == 0.0 ? 0.0 : M * pow(S, 1.0 / p)));
+      M = warp_max(M);
+      bad_nan = warp_sum(bad_nan);
+      bad_inf = warp_sum(bad_inf);
+      double S = 0.0;
+      if (M > 0.0)
+        for (int64_t w = w0 + lane; w < w1; w += 32) {
+          const double s = partials[w * stride + 2 * j], m = partials[w * stride + 2 * j + 1];
+          if (s > 0.0) S += s * (m == M ? 1.0 : pow(m / M, p));
+        }
+      S = warp_sum(S);
+      if (lane == 0)
+        o[j] = bad_nan > 0 ? nan("") : (bad_inf > 0 ? HUGE_VAL : (M == 0.0 ? 0.0 : M * pow(S, 1.0 / p)));
+    }
   }
+  // The last block to finish sees every row: it writes the total.
+  __shared__ double scratch[kCombineWarps + 1];
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's rows before its ticket
+    last = atomicAdd(done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  total_row(out, T, norms, scratch);
 }
 
 // ---- in-place elementwise ops over the same item table ----
@@ -426,6 +489,8 @@ void reserve_stats_smem(size_t dynamic) {
   if (dev < 64) allowed[dev] = dynamic;
 }
 
+// out_floats: float64 [T + 1, np + 1]; out_counts: int64 [(T + 1) * ncounts + 1]
+// (rows, the total row, then the combine kernel's ticket counter).
 // Grid dimension x holds up to 2^31-1 blocks: 2^31 chunks of 2^16 elements is far beyond any tensor.
 void launch_stats(int64_t ptrs, int64_t dtypes, int64_t numels, int64_t item_tensor, int64_t item_begin,
                   int64_t first_item, int64_t num_items, int64_t num_tensors, const std::vector<double>& ps,
@@ -448,7 +513,10 @@ void launch_stats(int64_t ptrs, int64_t dtypes, int64_t numels, int64_t item_ten
   a.num_bins = max_exp - min_exp + 2;
   a.ncounts = kNumCounts + (hist ? a.num_bins : 0);
   a.hist = hist;
-  check(cudaMemsetAsync(a.counts, 0, sizeof(unsigned long long) * num_tensors * a.ncounts, stream), "memset");
+  a.num_tensors = num_tensors;
+  // counts: T + 1 rows, then the combine kernel's ticket counter
+  const size_t count_words = size_t(num_tensors + 1) * a.ncounts;
+  check(cudaMemsetAsync(a.counts, 0, sizeof(unsigned long long) * (count_words + 1), stream), "memset");
   if (num_items > 0) {
     const int rows = kFirstBinRow + (hist ? a.num_bins : 1);
     const size_t smem = size_t(rows) * kThreads;  // one byte counter per thread and row
@@ -456,13 +524,12 @@ void launch_stats(int64_t ptrs, int64_t dtypes, int64_t numels, int64_t item_ten
     stats_kernel<<<unsigned(num_items), kThreads, smem, stream>>>(a);
     check(cudaGetLastError(), "stats_kernel");
   }
-  if (num_tensors > 0) {
-    const int per_block = 8;  // warps (= tensors) per block
-    combine_kernel<<<unsigned((num_tensors + per_block - 1) / per_block), 32 * per_block, 0, stream>>>(
-        a.partials, reinterpret_cast<const int64_t*>(first_item), int(num_tensors), norms,
-        reinterpret_cast<double*>(out_floats));
-    check(cudaGetLastError(), "combine_kernel");
-  }
+  // Also for T == 0: one block writes the (zero) total row.
+  const unsigned blocks = unsigned(std::max<int64_t>((num_tensors + kCombineWarps - 1) / kCombineWarps, 1));
+  combine_kernel<<<blocks, 32 * kCombineWarps, 0, stream>>>(
+      a.partials, reinterpret_cast<const int64_t*>(first_item), int(num_tensors), norms,
+      reinterpret_cast<double*>(out_floats), reinterpret_cast<unsigned int*>(a.counts + count_words));
+  check(cudaGetLastError(), "combine_kernel");
 }
 
 void launch_scale(int64_t ptrs, int64_t dtypes, int64_t numels, int64_t item_tensor, int64_t item_begin,

@@ -58,21 +58,29 @@ class CpuBackend:
             return f"dtype {dtype} is not supported"
         return None
 
-    def stats(self, tensors, spec: StatsSpec) -> RawStats:
-        floats = torch.empty(len(tensors), spec.num_float_cols, dtype=torch.float64)
-        counts = torch.empty(len(tensors), spec.num_count_cols, dtype=torch.int64)
+    def _stats(self, tensors, spec: StatsSpec, with_total: bool):
+        T = len(tensors)
+        rows = T + 1 if with_total else T
+        floats = torch.empty(rows, spec.num_float_cols, dtype=torch.float64)
+        counts = torch.empty(rows, spec.num_count_cols, dtype=torch.int64)
+        desc = describe(tensors)
         h = spec.histogram
         _C.grad_stats(
-            *describe(tensors),
-            list(spec.finite_norms),
-            h is not None,
-            h.min_exp if h else 0,
-            h.max_exp if h else 1,
-            floats.data_ptr(),
-            counts.data_ptr(),
-            torch.get_num_threads(),
+            *desc, list(spec.finite_norms), h is not None, h.min_exp if h else 0, h.max_exp if h else 1,
+            floats.data_ptr(), counts.data_ptr(), torch.get_num_threads(), with_total,
         )
+        return floats, counts, desc[2]
+
+    def stats(self, tensors, spec: StatsSpec) -> RawStats:
+        floats, counts, _ = self._stats(tensors, spec, False)
         return RawStats(floats, counts)
+
+    def stats_full(self, tensors, spec: StatsSpec) -> tuple[RawStats, torch.Tensor, RawStats]:
+        """``(raw [T], numel [T + 1], total)``: the rows, element counts with their sum, the total row."""
+        floats, counts, numels = self._stats(tensors, spec, True)
+        T = len(tensors)
+        numel = torch.tensor([*numels, sum(numels)], dtype=torch.int64)
+        return RawStats(floats[:T], counts[:T]), numel, RawStats(floats[T:], counts[T:])
 
     def stats_plain(self, tensors: list, spec: StatsSpec) -> tuple[RawStats, torch.Tensor, RawStats, int] | None:
         """:meth:`stats` plus element counts and the total row, for plain contiguous CPU tensors, or None.

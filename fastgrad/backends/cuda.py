@@ -3,7 +3,7 @@
 Per call: a pinned host array of the gradients' data pointers is copied to
 the device without blocking (the caching host allocator keeps it alive until
 the copy has run), and three launches do the rest (memset, stats, combine;
-see csrc/cuda/grad_stats_cuda.cu). The work-item table — (tensor id, first
+see csrc/cuda/grad_stats_cuda.cu), the total row included. The work-item table — (tensor id, first
 element) for every chunk — depends only on the tensors' sizes and dtypes and
 is built once and cached on the device. Nothing here reads device memory on
 the host: no synchronisation.
@@ -49,6 +49,7 @@ class _Plan:
         self.num_items = items
         self.num_tensors = len(numels)
         self.numels = n.to(device)
+        self.numels_and_total = torch.cat([n, n.sum().reshape(1)]).to(device)  # GradStats.numel, cached
         self.dtypes = torch.tensor(codes, dtype=torch.int32).to(device)
         self.first_item = first.to(device)
         self.item_tensor = tensor_of_item.to(device)
@@ -98,15 +99,18 @@ class CudaBackend:
             return f"dtype {dtype} is not supported"
         return None
 
-    def stats(self, tensors, spec: StatsSpec) -> RawStats:
+    def stats_full(self, tensors, spec: StatsSpec) -> tuple[RawStats, torch.Tensor, RawStats]:
+        """``(raw [T], numel [T + 1], total)``: the rows, element counts with their sum, the total row."""
         device = tensors[0].device
         ps = list(spec.finite_norms)
         if len(ps) > MAX_NORMS:
             raise ValueError(f"the CUDA backend computes at most {MAX_NORMS} finite norm types at once")
         tensors = _readable(tensors)
         plan = _plan(device, tensors)
-        floats = torch.empty(len(tensors), spec.num_float_cols, dtype=torch.float64, device=device)
-        counts = torch.empty(len(tensors), spec.num_count_cols, dtype=torch.int64, device=device)
+        T, C = len(tensors), spec.num_count_cols
+        floats = torch.empty(T + 1, spec.num_float_cols, dtype=torch.float64, device=device)
+        count_buf = torch.empty((T + 1) * C + 1, dtype=torch.int64, device=device)  # + the kernel's ticket
+        counts = count_buf[: (T + 1) * C].view(T + 1, C)
         partials = torch.empty(max(plan.num_items, 1), 2 * len(ps) + 1, dtype=torch.float64, device=device)
         ptrs = _pointers(device, tensors)
         h = spec.histogram
@@ -115,9 +119,12 @@ class CudaBackend:
                 ptrs.data_ptr(), plan.dtypes.data_ptr(), plan.numels.data_ptr(), plan.item_tensor.data_ptr(),
                 plan.item_begin.data_ptr(), plan.first_item.data_ptr(), plan.num_items, plan.num_tensors,
                 ps, h is not None, h.min_exp if h else 0, h.max_exp if h else 1,
-                partials.data_ptr(), floats.data_ptr(), counts.data_ptr(), _stream(device),
+                partials.data_ptr(), floats.data_ptr(), count_buf.data_ptr(), _stream(device),
             )
-        return RawStats(floats, counts)
+        return RawStats(floats[:T], counts[:T]), plan.numels_and_total, RawStats(floats[T:], counts[T:])
+
+    def stats(self, tensors, spec: StatsSpec) -> RawStats:
+        return self.stats_full(tensors, spec)[0]
 
     def _split(self, tensors):
         flat = [t for t in tensors if t.is_contiguous() or dense_in_some_order(t)]
