@@ -20,7 +20,7 @@ Kernels address many tensors through that table: program ``w`` loads
 the host, which is why CPU tensors work there (and CUDA tensors must not be
 sent to an interpreted kernel).
 
-Statistics take ``G + 1`` launches for the ``G`` dtypes present:
+Statistics take ``G + 2`` launches for the ``G`` dtypes present:
 
 1. ``_stats_chunk_kernel``, once per dtype, grid ``(chunks of that dtype,)``:
    program ``w`` reads its chunk once, ``BLOCK`` elements at a time (loads
@@ -28,6 +28,9 @@ Statistics take ``G + 1`` launches for the ``G`` dtypes present:
    writes its partials to its own rows ``fpart[w]`` and ``cpart[w]``.
 2. ``_stats_reduce_kernel``, grid ``(T,)``: program ``t`` folds the partial
    rows of tensor ``t``'s chunks in chunk order and writes output row ``t``.
+3. ``_stats_total_kernel``, grid ``(1,)``: the total row ``T`` from rows
+   ``[0, T)`` in row order, as :func:`fastgrad.aggregate.aggregate` combines
+   them (so a caller needs no aggregation ops, i.e. no further launches).
 
 Besides the launches, a call allocates the small partial and output tables
 and uploads the pointer table only when the pointers changed. No
@@ -333,6 +336,57 @@ def _stats_reduce_kernel(
 
 
 @triton.jit
+def _stats_total_kernel(
+    ps,  # float64 [NPP]
+    floats,  # float64 [T + 1, NP + 1]: row T is written
+    counts,  # int64 [T + 1, NC]: row T is written
+    T,
+    NP: tl.constexpr,
+    NPP: tl.constexpr,
+    NC: tl.constexpr,
+    NSLOTS: tl.constexpr,
+    BW: tl.constexpr,
+):
+    # norm = M * (sum_t (n_t / M)^p)^(1/p), M = max_t n_t; NaN / Inf from the counts.
+    rows = tl.arange(0, BW)
+    slots = tl.arange(0, NSLOTS)
+    j = tl.arange(0, NPP)
+    jm = j < NP
+    cnt = tl.zeros([NSLOTS], dtype=tl.int64)
+    M = tl.zeros([NPP], dtype=tl.float64)
+    mx = tl.zeros([BW], dtype=tl.float64)
+    for c in range(0, T, BW):
+        r = c + rows
+        rm = r < T
+        tile = tl.load(counts + r[:, None] * NC + slots[None, :], mask=rm[:, None] & (slots < NC)[None, :], other=0)
+        cnt += tl.sum(tile, axis=0)
+        n = tl.load(floats + r[:, None] * (NP + 1) + j[None, :], mask=rm[:, None] & jm[None, :], other=0.0)
+        M = tl.maximum(M, tl.max(tl.where(n == n, n, 0.0), axis=0))
+        mx = tl.maximum(mx, tl.load(floats + r * (NP + 1) + NP, mask=rm, other=0.0))
+    n_nan = tl.sum(tl.where(slots == 0, cnt, 0), axis=0)
+    n_inf = tl.sum(tl.where((slots == 1) | (slots == 2), cnt, 0), axis=0)
+    p = tl.load(ps + j)
+    ok = (M > 0) & (M < float("inf"))
+    safe = tl.where(ok, M, 1.0)
+    S = tl.zeros([NPP], dtype=tl.float64)
+    for c in range(0, T, BW):
+        r = c + rows
+        rm = r < T
+        n = tl.load(floats + r[:, None] * (NP + 1) + j[None, :], mask=rm[:, None] & jm[None, :], other=0.0)
+        q = n / safe[None, :]
+        pw = tl.where(p[None, :] == 2.0, q * q,
+                      tl.where(p[None, :] == 1.0, q, tl.exp2(p[None, :] * tl.log2(tl.where(q > 0, q, 1.0)))))
+        S += tl.sum(tl.where(q > 0, pw, 0.0), axis=0)
+    root = tl.where(p == 2.0, tl.sqrt(S), tl.where(p == 1.0, S, tl.exp2(tl.log2(tl.where(S > 0, S, 1.0)) / p)))
+    norm = tl.where(ok, M * root, tl.where(M > 0, float("inf"), 0.0))
+    norm = tl.where(n_inf > 0, float("inf"), norm)
+    norm = tl.where(n_nan > 0, float("nan"), norm)
+    tl.store(floats + T * (NP + 1) + j, norm, mask=jm)
+    tl.store(floats + T * (NP + 1) + NP, tl.max(mx, axis=0))
+    tl.store(counts + T * NC + slots, cnt, mask=slots < NC)
+
+
+@triton.jit
 def _round_to(v, DTYPE: tl.constexpr):
     """float32 ``v`` rounded to nearest-even ``DTYPE``, done with integer ops for bfloat16."""
     if DTYPE == tl.bfloat16:
@@ -469,10 +523,11 @@ class _Group:
 
 
 class _Plan:
-    __slots__ = ("groups", "numels", "chunk_range", "num_chunks", "tables")
+    __slots__ = ("groups", "numels", "numels_and_total", "chunk_range", "num_chunks", "tables")
 
     def __init__(self, groups, numels, chunk_range, num_chunks):
         self.groups, self.numels = groups, numels
+        self.numels_and_total = torch.cat([numels, numels.sum().reshape(1)])  # GradStats.numel, cached
         self.chunk_range, self.num_chunks = chunk_range, num_chunks
         self.tables: OrderedDict = OrderedDict()  # pointer tuple -> device int64 table
 
@@ -577,14 +632,20 @@ def _ps_table(ps: tuple[float, ...], npp: int, device: torch.device) -> torch.Te
 
 
 def grad_stats(tensors, spec: StatsSpec, chunk: int = CHUNK) -> RawStats:
-    """Fill :class:`RawStats` for ``tensors`` (one device): ``G + 1`` launches for ``G`` dtypes."""
-    ps = spec.finite_norms
-    nc = spec.num_count_cols
+    """Fill :class:`RawStats` for ``tensors`` (one device)."""
     if not tensors:
         return RawStats(
-            torch.zeros(0, len(ps) + 1, dtype=torch.float64),
-            torch.zeros(0, nc, dtype=torch.int64),
+            torch.zeros(0, len(spec.finite_norms) + 1, dtype=torch.float64),
+            torch.zeros(0, spec.num_count_cols, dtype=torch.int64),
         )
+    return grad_stats_full(tensors, spec, chunk)[0]
+
+
+def grad_stats_full(tensors, spec: StatsSpec, chunk: int = CHUNK) -> tuple[RawStats, torch.Tensor, RawStats]:
+    """``(raw [T], numel [T + 1], total)`` for ``tensors`` (one device, at least one):
+    ``G + 2`` launches for ``G`` dtypes."""
+    ps = spec.finite_norms
+    nc = spec.num_count_cols
     device = tensors[0].device
     T = len(tensors)
     h = spec.histogram
@@ -601,8 +662,8 @@ def grad_stats(tensors, spec: StatsSpec, chunk: int = CHUNK) -> RawStats:
     ps_t = _ps_table(ps, npp, device)
     fpart = torch.empty(max(plan.num_chunks, 1), npp + 2, dtype=torch.float64, device=device)
     cpart = torch.empty(max(plan.num_chunks, 1), nslots, dtype=torch.int32, device=device)
-    floats = torch.empty(T, len(ps) + 1, dtype=torch.float64, device=device)
-    counts = torch.empty(T, nc, dtype=torch.int64, device=device)
+    floats = torch.empty(T + 1, len(ps) + 1, dtype=torch.float64, device=device)  # row T: the total
+    counts = torch.empty(T + 1, nc, dtype=torch.int64, device=device)
 
     with _on(device):
         for g in plan.groups:
@@ -647,7 +708,11 @@ def grad_stats(tensors, spec: StatsSpec, chunk: int = CHUNK) -> RawStats:
             NSLOTS=nslots,
             BW=max(1, min(64, 4096 // nslots)),
         )
-    return RawStats(floats, counts)
+        _stats_total_kernel[(1,)](
+            ps_t, floats, counts, T, NP=len(ps), NPP=npp, NC=nc, NSLOTS=nslots,
+            BW=max(1, min(64, 4096 // nslots)),
+        )
+    return RawStats(floats[:T], counts[:T]), plan.numels_and_total, RawStats(floats[T:], counts[T:])
 
 
 def _elementwise(tensors, launch, extra: list[int], chunk: int) -> None:

@@ -41,8 +41,10 @@ pytestmark = [
         not K.INTERPRETED,
         reason="fastgrad.triton_kernels was imported without TRITON_INTERPRET=1 before this module",
     ),
-    # The interpreter evaluates with numpy, which warns on IEEE results such as inf * 0.
+    # The interpreter evaluates with numpy, which warns on IEEE results such as inf * 0, and on
+    # overflow to inf (float64 norms beyond 1.8e308 are inf, as in the reference).
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
 
 BACKEND = get_backend("triton")
@@ -207,6 +209,22 @@ def test_stats_several_tensors_mixed_dtypes():
          (1, torch.float32), (300, torch.float16), (0, torch.float64)])]
     check_stats(ts)
     check_stats(ts, norm_types=("inf",), histogram=False, via="backend")
+
+
+@pytest.mark.parametrize("with_nonfinite", [False, True])
+def test_total_row_from_the_last_kernel(with_nonfinite):
+    """``stats_full``: the total row equals the aggregation of the rows (and the reference)."""
+    ts = [nasty(n, dt, seed=i) for i, (n, dt) in enumerate(
+        [(100, torch.float32), (0, torch.float16), (4097, torch.bfloat16), (31, torch.float64), (300, torch.float16)])]
+    if not with_nonfinite:
+        ts = [t.nan_to_num(0.0, 0.0, 0.0) for t in ts]
+    spec = make_spec((2, 1, 3, 0.5, "inf"), True)
+    raw, numel, total = BACKEND.stats_full(ts, spec)
+    want = fastgrad.aggregate.aggregate(raw, spec, fastgrad.aggregate.TOTAL)
+    assert torch.equal(total.counts, want.counts)
+    torch.testing.assert_close(total.floats, want.floats, rtol=1e-12, atol=0, equal_nan=True)
+    assert numel.tolist() == [t.numel() for t in ts] + [sum(t.numel() for t in ts)]
+    assert bool(total.floats[0, 0].isnan()) == with_nonfinite
 
 
 def test_stats_empty_list():
@@ -421,6 +439,8 @@ def test_kernels_compile_for_gpu(tmp_path):
                   dict(DTYPE=dt, IS_F64=f64, ALIGNED=True, CHUNK=65536, BLOCK=2048))
         build(K._stats_reduce_kernel, {"chunk_range": "*i64", "ps": "*fp64", "fpart": "*fp64",
               "cpart": "*i32", "floats": "*fp64", "counts": "*i64"},
+              dict(NP=3, NPP=4, NC=86, NSLOTS=128, BW=32))
+        build(K._stats_total_kernel, {"ps": "*fp64", "floats": "*fp64", "counts": "*i64", "T": "i32"},
               dict(NP=3, NPP=4, NC=86, NSLOTS=128, BW=32))
         print("ok")
         """

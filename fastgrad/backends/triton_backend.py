@@ -73,6 +73,10 @@ class TritonBackend:
     def stats(self, tensors, spec):
         return _load().grad_stats(list(tensors), spec)
 
+    def stats_full(self, tensors, spec):
+        """``(raw [T], numel [T + 1], total)``, the total row made by the last kernel."""
+        return _load().grad_stats_full(list(tensors), spec)
+
     def scale_(self, tensors, coef: torch.Tensor) -> None:
         _load().scale_(list(tensors), coef)
 
