@@ -30,34 +30,52 @@ PyObject* call0(PyObject* obj, PyObject* name) {
   return PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
 }
 
-// The descriptors of a list of tensors read straight from their Python
-// objects, in one pass: for thousands of small gradients, reading each
-// tensor's metadata once here (instead of one Python pass per property)
-// is most of what a statistics call costs. Only the plain case is taken:
-// every item exactly a `tensor_type` on the CPU, strided, contiguous and of
-// one of the four `dtypes` (codes 0..3). Returns false, with no Python error
-// set, for anything else: the caller then takes its general path, which also
-// says what is wrong with the input.
-bool read_plain_cpu_tensors(const py::list& tensors, py::handle tensor_type, const py::tuple& dtype_objs,
-                            py::handle strided, std::vector<fastgrad::TensorDesc>& descs, int& dtype_mask) {
+// One plain tensor as read from its Python object.
+struct PlainMeta {
+  int64_t ptr, numel;
+  int code;  // dtype code 0..3 (fastgrad/backends/cpu.py DTYPE_CODES)
+};
+
+// The metadata of a list of tensors read straight from their Python objects,
+// in one pass: for thousands of small gradients, reading each tensor's
+// metadata once here (instead of one Python pass per property) is most of
+// what a statistics call costs. Only the plain case is taken: every item
+// exactly a `tensor_type`, strided, contiguous, of one of the four `dtypes`,
+// and all on the CPU (cuda false) or all on one CUDA device (cuda true; its
+// index goes to *device). Returns false, with no Python error set, for
+// anything else: the caller then takes its general path, which also says
+// what is wrong with the input.
+bool read_plain_tensors(const py::list& tensors, py::handle tensor_type, const py::tuple& dtype_objs,
+                        py::handle strided, bool cuda, std::vector<PlainMeta>& out, int& dtype_mask,
+                        int* device = nullptr) {
   PyObject* list = tensors.ptr();
   PyObject* dtypes[4];
   for (int c = 0; c < 4; ++c) dtypes[c] = dtype_objs[c].ptr();
   static PyObject* s_is_cpu = PyUnicode_InternFromString("is_cpu");
+  static PyObject* s_is_cuda = PyUnicode_InternFromString("is_cuda");
+  static PyObject* s_get_device = PyUnicode_InternFromString("get_device");
   static PyObject* s_layout = PyUnicode_InternFromString("layout");
   static PyObject* s_dtype = PyUnicode_InternFromString("dtype");
   static PyObject* s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
   static PyObject* s_numel = PyUnicode_InternFromString("numel");
   static PyObject* s_data_ptr = PyUnicode_InternFromString("data_ptr");
   const Py_ssize_t T = PyList_GET_SIZE(list);
-  descs.resize(size_t(T));
+  out.resize(size_t(T));
   dtype_mask = 0;
+  long long first_device = -1;
   for (Py_ssize_t i = 0; i < T; ++i) {
     PyObject* t = PyList_GET_ITEM(list, i);
     if (Py_TYPE(t) != (PyTypeObject*)tensor_type.ptr()) return false;
-    PyObject* r = PyObject_GetAttr(t, s_is_cpu);
+    PyObject* r = PyObject_GetAttr(t, cuda ? s_is_cuda : s_is_cpu);
     bool ok = r == Py_True;
     Py_XDECREF(r);
+    if (ok && cuda) {
+      r = call0(t, s_get_device);
+      const long long dev = r ? PyLong_AsLongLong(r) : -1;
+      Py_XDECREF(r);
+      if (i == 0) first_device = dev;
+      ok = dev >= 0 && dev == first_device;
+    }
     if (ok) {
       r = PyObject_GetAttr(t, s_layout);
       ok = r == strided.ptr();
@@ -90,14 +108,27 @@ bool read_plain_cpu_tensors(const py::list& tensors, py::handle tensor_type, con
       PyErr_Clear();
       return false;
     }
-    fastgrad::TensorDesc& d = descs[size_t(i)];
-    d.data = reinterpret_cast<char*>(ptr);
-    d.dtype = fastgrad::DType(code);
-    d.numel = numel;
-    d.ndim = 1;
-    d.sizes[0] = numel;
-    d.strides[0] = 1;
+    out[size_t(i)] = {ptr, numel, code};
     dtype_mask |= 1 << code;
+  }
+  if (device) *device = int(first_device);
+  return true;
+}
+
+// The CPU kernels' descriptors of plain CPU tensors (see read_plain_tensors).
+bool read_plain_cpu_tensors(const py::list& tensors, py::handle tensor_type, const py::tuple& dtype_objs,
+                            py::handle strided, std::vector<fastgrad::TensorDesc>& descs, int& dtype_mask) {
+  std::vector<PlainMeta> meta;
+  if (!read_plain_tensors(tensors, tensor_type, dtype_objs, strided, false, meta, dtype_mask)) return false;
+  descs.resize(meta.size());
+  for (size_t i = 0; i < meta.size(); ++i) {
+    fastgrad::TensorDesc& d = descs[i];
+    d.data = reinterpret_cast<char*>(meta[i].ptr);
+    d.dtype = fastgrad::DType(meta[i].code);
+    d.numel = meta[i].numel;
+    d.ndim = 1;
+    d.sizes[0] = d.numel;
+    d.strides[0] = 1;
   }
   return true;
 }
@@ -149,6 +180,32 @@ PYBIND11_MODULE(_C, m) {
       "grad_stats for a list of plain contiguous CPU tensors (dtypes: the torch dtypes of codes 0..3) "
       "into tables of T + 1 rows (row T: the total) and the int64 [T + 1] element counts. Returns the "
       "bit mask of the dtype codes seen, or 0 (and computes nothing) when some tensor is not of that kind.");
+
+  m.def(
+      "describe_plain",
+      [](py::list tensors, py::handle tensor_type, py::tuple dtypes, py::handle strided, bool cuda,
+         int64_t out_meta) {
+        std::vector<PlainMeta> meta;
+        int mask = 0, device = -1;
+        if (!read_plain_tensors(tensors, tensor_type, dtypes, strided, cuda, meta, mask, &device))
+          return py::tuple(py::make_tuple(0, -1, int64_t(0)));
+        // out_meta: int64 [3 T] = pointers, element counts, dtype codes. The
+        // hash (FNV-1a over counts and codes) keys the caller's plan cache.
+        int64_t* o = reinterpret_cast<int64_t*>(out_meta);
+        const size_t T = meta.size();
+        uint64_t h = 1469598103934665603ull;
+        for (size_t i = 0; i < T; ++i) {
+          o[i] = meta[i].ptr;
+          o[T + i] = meta[i].numel;
+          o[2 * T + i] = meta[i].code;
+          h = (h ^ uint64_t(meta[i].numel)) * 1099511628211ull;
+          h = (h ^ uint64_t(meta[i].code)) * 1099511628211ull;
+        }
+        return py::tuple(py::make_tuple(mask, device, int64_t(h >> 1)));
+      },
+      "Read plain contiguous tensors' metadata (all on the CPU, or all on one CUDA device with cuda) "
+      "into the int64 [3 T] buffer at out_meta: pointers, element counts, dtype codes. Returns (dtype "
+      "mask, CUDA device index, hash of counts and codes), or (0, -1, 0) when some tensor is not plain.");
 
   m.def(
       "scale_list",

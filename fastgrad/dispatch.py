@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from .backends import get_backend, BACKEND_NAMES
-from .backends.cpu import DTYPES_BY_CODE as _CPU_DTYPES
+from .backends.cpu import DTYPES_BY_CODE as _DTYPES_BY_CODE
 from .spec import RawStats, StatsSpec
 
 ENV_VAR = "FASTGRAD_BACKEND"
@@ -111,23 +111,26 @@ def compute_full_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend
     return None if full is None else full(list(tensors), spec)
 
 
-def plain_cpu_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None):
-    """``(raw, numel, total, dtypes)`` for the common case, every tensor a plain contiguous CPU
-    tensor going to the C++ backend, in one C++ call that reads each tensor's metadata once; else None.
+def plain_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None):
+    """``(raw, numel, total, dtypes)`` for the common case, in one call that reads each tensor's
+    metadata once (in C++): every tensor a plain contiguous tensor, all on the CPU going to the C++
+    backend, or all on one CUDA device going to the CUDA backend; else None.
 
     On None nothing was computed and the caller takes the general path (which
     also reports bad input). ``numel``: int64 ``[T + 1]``, the last entry the
     sum; ``total``: the one-row :class:`RawStats` over all tensors; ``dtypes``:
     the dtypes present, in code order.
     """
-    cpu = _plain_cpu_backend(tensors, backend)
-    if cpu is None:
+    if not tensors:
         return None
-    out = cpu.stats_plain(tensors if type(tensors) is list else list(tensors), spec)
+    if type(tensors) is not list:
+        tensors = list(tensors)
+    b = _plain_backend(tensors, backend)
+    out = None if b is None else b.stats_plain(tensors, spec)
     if out is None:
         return None
     raw, numel, total, mask = out
-    return raw, numel, total, [dt for code, dt in enumerate(_CPU_DTYPES) if mask >> code & 1]
+    return raw, numel, total, [dt for code, dt in enumerate(_DTYPES_BY_CODE) if mask >> code & 1]
 
 
 def _pick(tensors, idx):
@@ -156,18 +159,25 @@ def compute_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str
     return RawStats(floats, counts)
 
 
-def _plain_cpu_backend(tensors, backend):
-    """The C++ backend when ``tensors`` may take its plain-CPU fast paths (it checks each tensor), else None."""
-    if not tensors or requested_backend(backend) not in (None, "cpu"):
+def _plain_backend(tensors, backend):
+    """The backend whose plain fast paths (``stats_plain``, ``scale_plain_``, ``clamp_plain_``) may
+    take ``tensors``, judged by the first tensor's device (the fast path checks every tensor): the
+    C++ backend for CPU tensors, the CUDA backend for CUDA tensors; None if it is not the one the
+    caller asked for or is unavailable."""
+    if not tensors:
         return None
-    cpu = get_backend("cpu")
-    return cpu if cpu.why_not(_CPU, torch.float32) is None else None
+    first = tensors[0]
+    kind = "cuda" if getattr(first, "is_cuda", False) else "cpu"
+    if requested_backend(backend) not in (None, kind):
+        return None
+    b = get_backend(kind)
+    return b if b.why_not(first.device if kind == "cuda" else _CPU, torch.float32) is None else None
 
 
 def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | None = None) -> None:
     """``x *= coef`` in place for every tensor; ``coef`` is a 0-d float tensor (never read on the host)."""
-    cpu = _plain_cpu_backend(tensors, backend)
-    if cpu is not None and coef.device.type == "cpu" and cpu.scale_plain_(list(tensors), coef):
+    b = _plain_backend(tensors, backend)
+    if b is not None and b.scale_plain_(list(tensors), coef):
         return
     for (device, b), idx in _route(tensors, backend).items():
         b.scale_(_pick(tensors, idx), coef.to(device, torch.float64))
@@ -175,8 +185,8 @@ def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | N
 
 def clamp_(tensors: Sequence[torch.Tensor], clip_value: float, backend: str | None = None) -> None:
     """``x = clamp(x, -clip_value, clip_value)`` in place for every tensor, in one pass."""
-    cpu = _plain_cpu_backend(tensors, backend)
-    if cpu is not None and cpu.clamp_plain_(list(tensors), clip_value):
+    b = _plain_backend(tensors, backend)
+    if b is not None and b.clamp_plain_(list(tensors), clip_value):
         return
     for (_, b), idx in _route(tensors, backend).items():
         b.clamp_(_pick(tensors, idx), clip_value)

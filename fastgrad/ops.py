@@ -79,11 +79,12 @@ def grad_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str |
 
 
 def plain_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None):
-    """Eager fast path for plain contiguous CPU gradients: ``(raw, numel, total, dtypes)`` or None
-    (see :func:`fastgrad.dispatch.plain_cpu_stats`); always None while compiling."""
+    """Eager fast path for plain contiguous gradients (all on the CPU or on one CUDA device):
+    ``(raw, numel, total, dtypes)`` or None (see :func:`fastgrad.dispatch.plain_stats`); always
+    None while compiling."""
     if _compiling():
         return None
-    return dispatch.plain_cpu_stats(grads, spec, backend)
+    return dispatch.plain_stats(grads, spec, backend)
 
 
 def full_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None):

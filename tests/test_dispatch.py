@@ -91,7 +91,7 @@ def _plain_inputs():
 def test_plain_fast_path_equals_general_path_bitwise(with_nonfinite):
     ts = _plain_inputs() if with_nonfinite else _plain_inputs()[:-1]
     spec = fastgrad.spec.make_spec((2, 1, "inf", 3), True)
-    raw, numel, total, dtypes = dispatch.plain_cpu_stats(ts, spec)
+    raw, numel, total, dtypes = dispatch.plain_stats(ts, spec)
     general = dispatch.compute_stats(ts, spec, "cpu")
     assert torch.equal(raw.floats.isnan(), general.floats.isnan())
     assert torch.equal(raw.floats.nan_to_num(), general.floats.nan_to_num())
@@ -128,17 +128,17 @@ def test_plain_fast_path_declines_anything_else(case):
         "sparse": lambda: torch.randn(4, 4).to_sparse(),
     }[case]()
     spec = fastgrad.spec.make_spec((2,), True)
-    assert dispatch.plain_cpu_stats(ts + [odd], spec) is None
+    assert dispatch.plain_stats(ts + [odd], spec) is None
 
 
 @needs_cpu_kernel
 def test_plain_fast_path_respects_backend_choice(monkeypatch):
     spec = fastgrad.spec.make_spec((2,), True)
     ts = _plain_inputs()[:1]
-    assert dispatch.plain_cpu_stats(ts, spec, "reference") is None
+    assert dispatch.plain_stats(ts, spec, "reference") is None
     monkeypatch.setenv("FASTGRAD_BACKEND", "reference")
-    assert dispatch.plain_cpu_stats(ts, spec) is None
-    assert dispatch.plain_cpu_stats(ts, spec, "cpu") is not None  # the argument wins
+    assert dispatch.plain_stats(ts, spec) is None
+    assert dispatch.plain_stats(ts, spec, "cpu") is not None  # the argument wins
 
 
 def test_bad_input_still_gets_the_general_error_messages():
@@ -200,3 +200,45 @@ def test_full_stats_total_row_equals_aggregation(backend):
     torch.testing.assert_close(total.floats, want.floats, rtol=1e-15, atol=0, equal_nan=True)
     st = fastgrad.grad_stats(ts, backend=backend, norm_types=(2, 1, 3, "inf"))  # the general path uses it
     assert torch.equal(st.total.raw.floats.nan_to_num(), total.floats.nan_to_num())
+
+
+@needs_cpu_kernel
+def test_describe_plain_reads_pointers_sizes_and_dtypes():
+    from fastgrad.backends.cpu import DTYPES_BY_CODE, _C
+
+    ts = _plain_inputs()
+    T = len(ts)
+    meta = torch.empty(3 * T, dtype=torch.int64)
+    mask, dev, h = _C.describe_plain(ts, torch.Tensor, DTYPES_BY_CODE, torch.strided, False, meta.data_ptr())
+    assert meta[:T].tolist() == [t.data_ptr() for t in ts]
+    assert meta[T : 2 * T].tolist() == [t.numel() for t in ts]
+    assert meta[2 * T :].tolist() == [DTYPES_BY_CODE.index(t.dtype) for t in ts]
+    assert mask == 0b1111 and dev == -1
+    # the hash keys plans: same sizes and dtypes, same hash; another size, another hash
+    same = [torch.empty_like(t) for t in ts]
+    other = ts[:-1] + [torch.empty(5)]
+
+    def hash_of(xs):
+        buf = torch.empty(3 * len(xs), dtype=torch.int64)  # alive until the call returns
+        return _C.describe_plain(xs, torch.Tensor, DTYPES_BY_CODE, torch.strided, False, buf.data_ptr())[2]
+
+    assert hash_of(same) == h != hash_of(other)
+    # cuda=True takes only CUDA tensors (all on one device)
+    assert _C.describe_plain(ts, torch.Tensor, DTYPES_BY_CODE, torch.strided, True, meta.data_ptr()) == (0, -1, 0)
+
+
+def test_cuda_plan_cache_checks_what_the_hash_says():
+    """The CUDA backend finds plans by a hash of sizes and dtypes, then compares the full key:
+    a colliding hash must not return another parameter set's plan (checked on CPU tensors)."""
+    cuda = pytest.importorskip("fastgrad.backends.cuda")
+    if cuda._cuda is None:
+        pytest.skip("fastgrad._cuda not built")
+    cpu = torch.device("cpu")
+    meta_a = torch.tensor([0, 0, 70_000, 3, 0, 3])  # pointers, numels, dtype codes (T = 2)
+    meta_b = torch.tensor([0, 0, 70_000, 4, 0, 3])
+    a = cuda._plan_from_meta(cpu, meta_a, 2, key_hash=12345)
+    assert cuda._plan_from_meta(cpu, meta_a.clone(), 2, key_hash=12345) is a
+    b = cuda._plan_from_meta(cpu, meta_b, 2, key_hash=12345)  # same hash, other sizes
+    assert b is not a and b.numels.tolist() == [70_000, 4]
+    assert a.num_items == 3 and a.item_tensor.tolist() == [0, 0, 1] and a.item_begin.tolist() == [0, 65536, 0]
+    assert a.numels_and_total.tolist() == [70_000, 3, 70_003] and a.dtypes.tolist() == [0, 3]

@@ -109,7 +109,9 @@ class CpuBackend:
 
     def scale_plain_(self, tensors: list, coef: torch.Tensor) -> bool:
         """:meth:`scale_` for a list of plain contiguous CPU tensors; False (nothing written) otherwise."""
-        coef = coef.to("cpu", torch.float64).contiguous()
+        if coef.device.type != "cpu":
+            return False
+        coef = coef.to(torch.float64).contiguous()
         return _C.scale_list(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, coef.data_ptr(),
                              torch.get_num_threads())
 

@@ -19,6 +19,7 @@ import torch
 
 from ..spec import RawStats, StatsSpec
 from ._layout import dense_in_some_order
+from .cpu import _C, DTYPES_BY_CODE  # _C reads plain tensors' metadata (see stats_full_plain)
 
 try:
     from .. import _cuda
@@ -38,19 +39,20 @@ MAX_NORMS = 8
 class _Plan:
     """Device tables for one (device, sizes, dtypes) parameter set."""
 
-    def __init__(self, device: torch.device, numels: tuple[int, ...], codes: tuple[int, ...], chunk: int):
-        n = torch.tensor(numels, dtype=torch.int64)
+    def __init__(self, device: torch.device, n: torch.Tensor, codes: torch.Tensor, chunk: int):
+        # n, codes: int64 [T] on the CPU
+        self.host_key = torch.cat([n, codes])  # what a cached plan is checked against
         per = (n + chunk - 1) // chunk  # chunks per tensor (0 for empty tensors)
-        first = torch.zeros(len(numels) + 1, dtype=torch.int64)
+        first = torch.zeros(len(n) + 1, dtype=torch.int64)
         first[1:] = per.cumsum(0)
         items = int(first[-1])
-        tensor_of_item = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), per)
+        tensor_of_item = torch.repeat_interleave(torch.arange(len(n), dtype=torch.int32), per)
         begin = (torch.arange(items, dtype=torch.int64) - first[:-1].repeat_interleave(per)) * chunk
         self.num_items = items
-        self.num_tensors = len(numels)
+        self.num_tensors = len(n)
         self.numels = n.to(device)
         self.numels_and_total = torch.cat([n, n.sum().reshape(1)]).to(device)  # GradStats.numel, cached
-        self.dtypes = torch.tensor(codes, dtype=torch.int32).to(device)
+        self.dtypes = codes.to(torch.int32).to(device)
         self.first_item = first.to(device)
         self.item_tensor = tensor_of_item.to(device)
         self.item_begin = begin.to(device)
@@ -65,10 +67,44 @@ def _plan(device: torch.device, tensors) -> _Plan:
     key = (device, numels, codes)
     plan = _plans.get(key)
     if plan is None:
-        if len(_plans) >= 32:  # parameter sets change rarely; keep the cache bounded
-            _plans.clear()
-        plan = _plans[key] = _Plan(device, numels, codes, _cuda.chunk_size())
+        plan = _cache(key, _Plan(device, torch.tensor(numels, dtype=torch.int64),
+                                 torch.tensor(codes, dtype=torch.int64), _cuda.chunk_size()))
     return plan
+
+
+def _cache(key, plan: _Plan) -> _Plan:
+    if len(_plans) >= 32:  # parameter sets change rarely; keep the cache bounded
+        _plans.clear()
+    _plans[key] = plan
+    return plan
+
+
+def _plan_from_meta(device: torch.device, meta: torch.Tensor, T: int, key_hash: int) -> _Plan:
+    """The plan of a parameter set read by ``_C.describe_plain`` (``meta``: pointers, counts, codes)."""
+    key = (device, T, key_hash)
+    plan = _plans.get(key)
+    if plan is None or not torch.equal(plan.host_key, meta[T:]):
+        plan = _cache(key, _Plan(device, meta[T : 2 * T].clone(), meta[2 * T :].clone(), _cuda.chunk_size()))
+    return plan
+
+
+def _read_plain(tensors: list):
+    """``(device, plan, device pointer table, dtype mask)`` for plain contiguous tensors on one
+    CUDA device, read by one C++ pass (``fastgrad._C.describe_plain``) into a pinned buffer, the
+    plan found by a hash of sizes and dtypes (checked against the cached copy): O(1) Python work
+    per call whatever the tensor count. None for anything else."""
+    if _C is None:
+        return None
+    T = len(tensors)
+    meta = torch.empty(3 * T, dtype=torch.int64, pin_memory=True)  # pointers, numels, dtype codes
+    mask, dev, key_hash = _C.describe_plain(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, True,
+                                            meta.data_ptr())
+    if not mask:
+        return None
+    device = torch.device("cuda", dev)
+    plan = _plan_from_meta(device, meta, T, key_hash)
+    ptrs = meta[:T].to(device, non_blocking=True)  # the caching host allocator keeps meta until copied
+    return device, plan, ptrs, mask
 
 
 def _readable(tensors):
@@ -102,17 +138,57 @@ class CudaBackend:
     def stats_full(self, tensors, spec: StatsSpec) -> tuple[RawStats, torch.Tensor, RawStats]:
         """``(raw [T], numel [T + 1], total)``: the rows, element counts with their sum, the total row."""
         device = tensors[0].device
+        tensors = _readable(tensors)
+        return self._launch_stats(device, _plan(device, tensors), _pointers(device, tensors), spec)
+
+    def stats_plain(self, tensors: list, spec: StatsSpec):
+        """:meth:`stats_full` plus the dtype mask for plain contiguous tensors on one CUDA device, or None.
+
+        One C++ pass (``fastgrad._C.describe_plain``) reads every tensor's
+        pointer, size and dtype into a pinned buffer; the plan is found by a
+        hash of the sizes and dtypes (checked against the cached copy), so
+        the host does O(1) Python work per call whatever the tensor count.
+        """
+        read = _read_plain(tensors)
+        if read is None:
+            return None
+        device, plan, ptrs, mask = read
+        return (*self._launch_stats(device, plan, ptrs, spec), mask)
+
+    def scale_plain_(self, tensors: list, coef: torch.Tensor) -> bool:
+        """:meth:`scale_` for plain contiguous tensors on one CUDA device; False (nothing written) otherwise."""
+        read = _read_plain(tensors)
+        if read is None:
+            return False
+        device, plan, ptrs, _ = read
+        coef = coef.to(device, torch.float64)
+        with torch.cuda.device(device):
+            _cuda.scale_(ptrs.data_ptr(), plan.dtypes.data_ptr(), plan.numels.data_ptr(),
+                         plan.item_tensor.data_ptr(), plan.item_begin.data_ptr(), plan.num_items,
+                         coef.data_ptr(), _stream(device))
+        return True
+
+    def clamp_plain_(self, tensors: list, clip_value: float) -> bool:
+        """:meth:`clamp_` for plain contiguous tensors on one CUDA device; False (nothing written) otherwise."""
+        read = _read_plain(tensors)
+        if read is None:
+            return False
+        device, plan, ptrs, _ = read
+        with torch.cuda.device(device):
+            _cuda.clamp_(ptrs.data_ptr(), plan.dtypes.data_ptr(), plan.numels.data_ptr(),
+                         plan.item_tensor.data_ptr(), plan.item_begin.data_ptr(), plan.num_items,
+                         -clip_value, clip_value, _stream(device))
+        return True
+
+    def _launch_stats(self, device, plan: _Plan, ptrs: torch.Tensor, spec: StatsSpec):
         ps = list(spec.finite_norms)
         if len(ps) > MAX_NORMS:
             raise ValueError(f"the CUDA backend computes at most {MAX_NORMS} finite norm types at once")
-        tensors = _readable(tensors)
-        plan = _plan(device, tensors)
-        T, C = len(tensors), spec.num_count_cols
+        T, C = plan.num_tensors, spec.num_count_cols
         floats = torch.empty(T + 1, spec.num_float_cols, dtype=torch.float64, device=device)
         count_buf = torch.empty((T + 1) * C + 1, dtype=torch.int64, device=device)  # + the kernel's ticket
         counts = count_buf[: (T + 1) * C].view(T + 1, C)
         partials = torch.empty(max(plan.num_items, 1), 2 * len(ps) + 1, dtype=torch.float64, device=device)
-        ptrs = _pointers(device, tensors)
         h = spec.histogram
         with torch.cuda.device(device):
             _cuda.stats(
