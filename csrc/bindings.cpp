@@ -41,8 +41,9 @@ struct PlainMeta {
 // metadata once here (instead of one Python pass per property) is most of
 // what a statistics call costs. Only the plain case is taken: every item
 // exactly a `tensor_type`, strided, contiguous, of one of the four `dtypes`,
-// and all on the CPU (cuda false) or all on one CUDA device (cuda true; its
-// index goes to *device). Returns false, with no Python error set, for
+// with its values in its memory (not a negated view, not a forward-mode AD
+// zero tensor, which has no memory), and all on the CPU (cuda false) or all
+// on one CUDA device (cuda true; its index goes to *device). Returns false, with no Python error set, for
 // anything else: the caller then takes its general path, which also says
 // what is wrong with the input.
 bool read_plain_tensors(const py::list& tensors, py::handle tensor_type, const py::tuple& dtype_objs,
@@ -59,6 +60,7 @@ bool read_plain_tensors(const py::list& tensors, py::handle tensor_type, const p
   static PyObject* s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
   static PyObject* s_numel = PyUnicode_InternFromString("numel");
   static PyObject* s_data_ptr = PyUnicode_InternFromString("data_ptr");
+  static PyObject* s_is_neg = PyUnicode_InternFromString("is_neg");
   const Py_ssize_t T = PyList_GET_SIZE(list);
   out.resize(size_t(T));
   dtype_mask = 0;
@@ -94,6 +96,11 @@ bool read_plain_tensors(const py::list& tensors, py::handle tensor_type, const p
       ok = r == Py_True;
       Py_XDECREF(r);
     }
+    if (ok) {
+      r = call0(t, s_is_neg);
+      ok = r == Py_False;
+      Py_XDECREF(r);
+    }
     long long numel = -1, ptr = 0;
     if (ok) {
       r = call0(t, s_numel);
@@ -102,7 +109,7 @@ bool read_plain_tensors(const py::list& tensors, py::handle tensor_type, const p
       r = call0(t, s_data_ptr);
       ptr = r ? PyLong_AsLongLong(r) : 0;
       Py_XDECREF(r);
-      ok = numel >= 0 && !PyErr_Occurred();
+      ok = numel >= 0 && (ptr != 0 || numel == 0) && !PyErr_Occurred();
     }
     if (!ok) {
       PyErr_Clear();

@@ -103,12 +103,13 @@ def compute_full_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend
     :func:`fastgrad.aggregate.aggregate`; else None."""
     if not tensors:
         return None
+    tensors = _with_values_in_memory(tensors)
     routes = _route(tensors, backend)
     if len(routes) != 1:
         return None
     (_, b), _ = next(iter(routes.items()))
     full = getattr(b, "stats_full", None)
-    return None if full is None else full(list(tensors), spec)
+    return None if full is None else full(tensors, spec)
 
 
 def plain_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None):
@@ -133,6 +134,24 @@ def plain_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str |
     return raw, numel, total, [dt for code, dt in enumerate(_DTYPES_BY_CODE) if mask >> code & 1]
 
 
+def _with_values_in_memory(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` as kernels can read them: negated views resolved (their memory holds -x) and
+    forward-mode AD zero tensors (no memory) materialized; other tensors as they are."""
+    out = list(tensors)
+    for i, t in enumerate(out):
+        if t.is_neg():
+            out[i] = t.resolve_neg()
+        elif t._is_zerotensor():
+            out[i] = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    return out
+
+
+def _writable(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` less the zero tensors of forward-mode AD: immutable, all zeros, and fixed points
+    of scaling and clamping. (Negated views need nothing: both ops commute with negation.)"""
+    return [t for t in tensors if not t._is_zerotensor()]
+
+
 def _pick(tensors, idx):
     return list(tensors) if idx is None else [tensors[i] for i in idx]
 
@@ -144,10 +163,11 @@ def compute_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str
             torch.zeros(0, spec.num_float_cols, dtype=torch.float64),
             torch.zeros(0, spec.num_count_cols, dtype=torch.int64),
         )
+    tensors = _with_values_in_memory(tensors)
     routes = _route(tensors, backend)
     if len(routes) == 1:
         (_, b), _ = next(iter(routes.items()))
-        return b.stats(list(tensors), spec)
+        return b.stats(tensors, spec)
     device = tensors[0].device
     floats = torch.empty(len(tensors), spec.num_float_cols, dtype=torch.float64, device=device)
     counts = torch.empty(len(tensors), spec.num_count_cols, dtype=torch.int64, device=device)
@@ -179,6 +199,7 @@ def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | N
     b = _plain_backend(tensors, backend)
     if b is not None and b.scale_plain_(list(tensors), coef):
         return
+    tensors = _writable(tensors)
     for (device, b), idx in _route(tensors, backend).items():
         b.scale_(_pick(tensors, idx), coef.to(device, torch.float64))
 
@@ -188,5 +209,6 @@ def clamp_(tensors: Sequence[torch.Tensor], clip_value: float, backend: str | No
     b = _plain_backend(tensors, backend)
     if b is not None and b.clamp_plain_(list(tensors), clip_value):
         return
+    tensors = _writable(tensors)
     for (_, b), idx in _route(tensors, backend).items():
         b.clamp_(_pick(tensors, idx), clip_value)

@@ -24,7 +24,8 @@ class GradStats:
     Attributes:
         names: row names (parameter names, ``[i]`` positions, or group names).
         spec: what was computed (norm types, histogram bins).
-        numel: int64 ``[R]`` element counts.
+        numel: int64 ``[R]`` element counts (on a GPU possibly shared with other calls over the
+            same parameter set: read it, do not write it).
         raw: the backend tables (:class:`fastgrad.spec.RawStats`).
         groups: per-group :class:`GradStats` when ``groups=`` was given (or a Module), else None.
     """

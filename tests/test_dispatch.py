@@ -202,6 +202,23 @@ def test_full_stats_total_row_equals_aggregation(backend):
     assert torch.equal(st.total.raw.floats.nan_to_num(), total.floats.nan_to_num())
 
 
+@pytest.mark.parametrize("kind", ["negated_view", "zero_tensor"])
+def test_tensors_whose_memory_does_not_hold_their_values(kind):
+    """A negated view's memory holds -x; a forward-mode AD zero tensor has no memory at all. The
+    fast path declines them, the general path reads their values, in-place ops stay correct."""
+    x = torch.tensor([1.0, -float("inf"), 0.5, -2.0, 3.0])
+    odd = torch._neg_view(x) if kind == "negated_view" else torch._efficientzerotensor(5)
+    values = odd.clone()  # a plain tensor with the same values
+    spec = fastgrad.spec.make_spec((2, "inf"), True)
+    assert dispatch.plain_stats([x, odd], spec) is None
+    st, want = fastgrad.grad_stats([x, odd]), fastgrad.grad_stats([x, values], backend="reference")
+    assert torch.equal(st.raw.counts, want.raw.counts)
+    torch.testing.assert_close(st.raw.floats, want.raw.floats, rtol=1e-12, atol=0)
+    dispatch.scale_([odd], torch.tensor(0.5, dtype=torch.float64))
+    dispatch.clamp_([odd], 1.0)
+    torch.testing.assert_close(odd.clone(), values.mul(0.5).clamp(-1, 1))
+
+
 @needs_cpu_kernel
 def test_describe_plain_reads_pointers_sizes_and_dtypes():
     from fastgrad.backends.cpu import DTYPES_BY_CODE, _C
@@ -227,12 +244,13 @@ def test_describe_plain_reads_pointers_sizes_and_dtypes():
     assert _C.describe_plain(ts, torch.Tensor, DTYPES_BY_CODE, torch.strided, True, meta.data_ptr()) == (0, -1, 0)
 
 
-def test_cuda_plan_cache_checks_what_the_hash_says():
+def test_cuda_plan_cache_checks_what_the_hash_says(monkeypatch):
     """The CUDA backend finds plans by a hash of sizes and dtypes, then compares the full key:
     a colliding hash must not return another parameter set's plan (checked on CPU tensors)."""
     cuda = pytest.importorskip("fastgrad.backends.cuda")
     if cuda._cuda is None:
         pytest.skip("fastgrad._cuda not built")
+    monkeypatch.setattr(cuda, "_stream", lambda device: 0)  # plans are cached per stream
     cpu = torch.device("cpu")
     meta_a = torch.tensor([0, 0, 70_000, 3, 0, 3])  # pointers, numels, dtype codes (T = 2)
     meta_b = torch.tensor([0, 0, 70_000, 4, 0, 3])
@@ -242,3 +260,5 @@ def test_cuda_plan_cache_checks_what_the_hash_says():
     assert b is not a and b.numels.tolist() == [70_000, 4]
     assert a.num_items == 3 and a.item_tensor.tolist() == [0, 0, 1] and a.item_begin.tolist() == [0, 65536, 0]
     assert a.numels_and_total.tolist() == [70_000, 3, 70_003] and a.dtypes.tolist() == [0, 3]
+    monkeypatch.setattr(cuda, "_stream", lambda device: 7)  # another stream: its own plan
+    assert cuda._plan_from_meta(cpu, meta_a, 2, key_hash=12345) is not a

@@ -51,7 +51,8 @@ class _Plan:
         self.num_items = items
         self.num_tensors = len(n)
         self.numels = n.to(device)
-        self.numels_and_total = torch.cat([n, n.sum().reshape(1)]).to(device)  # GradStats.numel, cached
+        # GradStats.numel of every call with this plan: shared, never written
+        self.numels_and_total = torch.cat([n, n.sum().reshape(1)]).to(device)
         self.dtypes = codes.to(torch.int32).to(device)
         self.first_item = first.to(device)
         self.item_tensor = tensor_of_item.to(device)
@@ -61,10 +62,16 @@ class _Plan:
 _plans: dict = {}
 
 
+# Plans are cached per stream as well: the caching allocator only keeps a freed
+# block away from other work queued on the stream that allocated it, so a plan
+# evicted while a kernel on another stream still reads it would be unsafe.
+
+
 def _plan(device: torch.device, tensors) -> _Plan:
+    _check_not_capturing(device)
     numels = tuple(t.numel() for t in tensors)
     codes = tuple(DTYPE_CODES[t.dtype] for t in tensors)
-    key = (device, numels, codes)
+    key = (device, _stream(device), numels, codes)
     plan = _plans.get(key)
     if plan is None:
         plan = _cache(key, _Plan(device, torch.tensor(numels, dtype=torch.int64),
@@ -81,7 +88,7 @@ def _cache(key, plan: _Plan) -> _Plan:
 
 def _plan_from_meta(device: torch.device, meta: torch.Tensor, T: int, key_hash: int) -> _Plan:
     """The plan of a parameter set read by ``_C.describe_plain`` (``meta``: pointers, counts, codes)."""
-    key = (device, T, key_hash)
+    key = (device, _stream(device), T, key_hash)
     plan = _plans.get(key)
     if plan is None or not torch.equal(plan.host_key, meta[T:]):
         plan = _cache(key, _Plan(device, meta[T : 2 * T].clone(), meta[2 * T :].clone(), _cuda.chunk_size()))
@@ -96,6 +103,7 @@ def _read_plain(tensors: list):
     if _C is None:
         return None
     T = len(tensors)
+    _check_not_capturing(tensors[0].device)
     meta = torch.empty(3 * T, dtype=torch.int64, pin_memory=True)  # pointers, numels, dtype codes
     mask, dev, key_hash = _C.describe_plain(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, True,
                                             meta.data_ptr())
@@ -105,6 +113,15 @@ def _read_plain(tensors: list):
     plan = _plan_from_meta(device, meta, T, key_hash)
     ptrs = meta[:T].to(device, non_blocking=True)  # the caching host allocator keeps meta until copied
     return device, plan, ptrs, mask
+
+
+def _check_not_capturing(device: torch.device) -> None:
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "fastgrad's CUDA backend cannot be captured in a CUDA graph: it uploads a pointer table "
+            "from a pooled host buffer on every call. Call it outside the captured region, or use "
+            "backend='triton'."
+        )
 
 
 def _readable(tensors):
