@@ -49,7 +49,13 @@ struct PlainMeta {
 bool read_plain_tensors(const py::list& tensors, py::handle tensor_type, const py::tuple& dtype_objs,
                         py::handle strided, bool cuda, std::vector<PlainMeta>& out, int& dtype_mask,
                         int* device = nullptr) {
-  PyObject* list = tensors.ptr();
+  // A snapshot holding its own references: the attribute reads below may run
+  // Python code (a TorchFunctionMode, say) that changes the caller's list.
+  const py::tuple items = py::reinterpret_steal<py::tuple>(PySequence_Tuple(tensors.ptr()));
+  if (!items) {
+    PyErr_Clear();
+    return false;
+  }
   PyObject* dtypes[4];
   for (int c = 0; c < 4; ++c) dtypes[c] = dtype_objs[c].ptr();
   static PyObject* s_is_cpu = PyUnicode_InternFromString("is_cpu");
@@ -61,12 +67,12 @@ bool read_plain_tensors(const py::list& tensors, py::handle tensor_type, const p
   static PyObject* s_numel = PyUnicode_InternFromString("numel");
   static PyObject* s_data_ptr = PyUnicode_InternFromString("data_ptr");
   static PyObject* s_is_neg = PyUnicode_InternFromString("is_neg");
-  const Py_ssize_t T = PyList_GET_SIZE(list);
+  const Py_ssize_t T = PyTuple_GET_SIZE(items.ptr());
   out.resize(size_t(T));
   dtype_mask = 0;
   long long first_device = -1;
   for (Py_ssize_t i = 0; i < T; ++i) {
-    PyObject* t = PyList_GET_ITEM(list, i);
+    PyObject* t = PyTuple_GET_ITEM(items.ptr(), i);
     if (Py_TYPE(t) != (PyTypeObject*)tensor_type.ptr()) return false;
     PyObject* r = PyObject_GetAttr(t, cuda ? s_is_cuda : s_is_cpu);
     bool ok = r == Py_True;

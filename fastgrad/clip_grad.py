@@ -94,7 +94,7 @@ def _total_norm(
         dtype = promoted_dtype(grads)
         plan = distributed.plan(names, grads, process_group, placements)
         full = full_stats_op(grads, spec, backend) if plan is None else None
-        if full is not None:  # the backend made the total row: no aggregation ops
+        if full is not None:  # the total row, if the backend made it: no aggregation ops
             raw, numel, total_raw = full
             total = build_stats(names, grads, spec, raw, None, numel=numel, total=total_raw).total_norm
         else:

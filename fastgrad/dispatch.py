@@ -98,18 +98,20 @@ _CPU = torch.device("cpu")
 
 
 def compute_full_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None):
-    """``(raw, numel [T + 1], total)`` when all tensors go to one backend that makes the total row
-    itself (``stats_full``: cpu, cuda), saving the dozen small torch ops (launches, on a GPU) of
-    :func:`fastgrad.aggregate.aggregate`; else None."""
+    """``(raw, numel, total)``: :func:`compute_stats`' rows, and, when all tensors go to one backend
+    that makes the total row itself (``stats_full``: cpu, cuda, triton), the element counts
+    ``[T + 1]`` (last: the sum) and that one-row total — saving the dozen small torch ops
+    (launches, on a GPU) of :func:`fastgrad.aggregate.aggregate`; else ``(raw, None, None)``."""
     if not tensors:
-        return None
+        return compute_stats(tensors, spec, backend), None, None
     tensors = _with_values_in_memory(tensors)
     routes = _route(tensors, backend)
-    if len(routes) != 1:
-        return None
-    (_, b), _ = next(iter(routes.items()))
-    full = getattr(b, "stats_full", None)
-    return None if full is None else full(tensors, spec)
+    if len(routes) == 1:
+        (_, b), _ = next(iter(routes.items()))
+        full = getattr(b, "stats_full", None)
+        if full is not None:
+            return full(tensors, spec)
+    return _stats_routed(tensors, spec, routes), None, None
 
 
 def plain_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None):
@@ -164,7 +166,10 @@ def compute_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str
             torch.zeros(0, spec.num_count_cols, dtype=torch.int64),
         )
     tensors = _with_values_in_memory(tensors)
-    routes = _route(tensors, backend)
+    return _stats_routed(tensors, spec, _route(tensors, backend))
+
+
+def _stats_routed(tensors: list[torch.Tensor], spec: StatsSpec, routes) -> RawStats:
     if len(routes) == 1:
         (_, b), _ = next(iter(routes.items()))
         return b.stats(tensors, spec)

@@ -88,8 +88,9 @@ def plain_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str 
 
 
 def full_stats_op(grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None):
-    """Eager: ``(raw, numel, total)`` from a backend that makes the total row itself, or None
-    (see :func:`fastgrad.dispatch.compute_full_stats`); always None while compiling."""
+    """Eager: ``(raw, numel, total)``, the last two None unless a backend made the total row
+    (see :func:`fastgrad.dispatch.compute_full_stats`); None while compiling (then the custom op
+    :func:`grad_stats_op` is what must be traced)."""
     if _compiling():
         return None
     return dispatch.compute_full_stats(grads, spec, backend)

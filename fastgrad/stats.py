@@ -321,10 +321,9 @@ def grad_stats(
     plan = distributed.plan(collected.names, collected.grads, process_group, placements)
     if plan is None:
         full = full_stats_op(collected.grads, spec, backend)
-        if full is not None:
-            raw, numel, total = full
-            return build_stats(collected.names, collected.grads, spec, raw, labels, numel=numel, total=total)
-        raw = grad_stats_op(collected.grads, spec, backend)
-        return build_stats(collected.names, collected.grads, spec, raw, labels)
+        if full is None:  # compiling: the custom op
+            full = grad_stats_op(collected.grads, spec, backend), None, None
+        raw, numel, total = full
+        return build_stats(collected.names, collected.grads, spec, raw, labels, numel=numel, total=total)
     raw, numel = distributed.reduce_raw(grad_stats_op(plan.local, spec, backend), spec, plan)
     return build_stats(collected.names, collected.grads, spec, raw, labels, numel=numel)

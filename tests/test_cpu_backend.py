@@ -127,6 +127,14 @@ def test_1e8_elements_accuracy():
     assert abs(got_b / exact_b - 1) < 1e-6
 
 
+def test_float64_maxima_at_the_ends_of_the_range():
+    """The rescaling by 2^-k near max|x| stays finite for subnormal maxima and maxima >= 2^1023."""
+    ts = [torch.tensor([1e-310, 0.0, 3e-311], dtype=torch.float64),  # all subnormal
+          torch.tensor([1.5e308, 1.0, -1e308], dtype=torch.float64),  # max >= 2^1023
+          torch.full((70_000,), 5e-324, dtype=torch.float64)]  # the smallest subnormal, across chunks
+    check(ts, make_spec((2.0, 1.0, 3.0, 0.5, "inf"), True))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_nan_does_not_hide_its_neighbours_max(dtype, spec):

@@ -181,18 +181,17 @@ def test_plain_fast_path_in_place_declines_without_writing():
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_full_stats_total_row_equals_aggregation(backend):
-    """Backends with ``stats_full`` (cpu, cuda) make the total row themselves; it equals the
+    """Backends with ``stats_full`` (cpu, cuda, triton) make the total row themselves; it equals the
     aggregation of their rows, and element counts come with their sum."""
     ts = _plain_inputs() + [torch.randn(8, 6).t(), torch.randn(10)[::3].to(torch.bfloat16)]  # views too
     spec = fastgrad.spec.make_spec((2, 1, 3, "inf"), True)
     b = fastgrad.get_backend(backend)
     if b.why_not(torch.device("cpu"), torch.float32) is not None:
         pytest.skip(b.why_not(torch.device("cpu"), torch.float32))
-    full = dispatch.compute_full_stats(ts, spec, backend)
-    if not hasattr(b, "stats_full"):
-        assert full is None
+    raw, numel, total = dispatch.compute_full_stats(ts, spec, backend)
+    if not hasattr(b, "stats_full"):  # the rows only; the caller aggregates
+        assert numel is None and total is None and torch.equal(raw.counts, b.stats(ts, spec).counts)
         return
-    raw, numel, total = full
     assert torch.equal(raw.counts, b.stats(ts, spec).counts)
     assert numel.tolist() == [t.numel() for t in ts] + [sum(t.numel() for t in ts)]
     want = fastgrad.aggregate.aggregate(raw, spec, fastgrad.aggregate.TOTAL)

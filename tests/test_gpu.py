@@ -64,6 +64,10 @@ def test_many_tensors_one_call(backend):
 def test_float32_extremes(backend):
     x = torch.full((100_000,), 1e30, device="cuda")
     check(backend, [x, x * 1e-70, x.double() * 1e170])
+    # float64 maxima at the ends of the range (subnormal; >= 2^1023): rescaling must stay finite
+    d = [torch.tensor([1e-310, 0.0, 3e-311], dtype=torch.float64), torch.tensor([1.5e308, 1.0, -1e308],
+         dtype=torch.float64), torch.full((70_000,), 5e-324, dtype=torch.float64)]
+    check(backend, [t.cuda() for t in d], make_spec((2.0, 1.0, 3.0, 0.5, "inf"), True))
 
 
 @pytest.mark.parametrize("bins", [(-64, 16), (-74, 16), (-126, 128)], ids=["default", "91_bins", "widest"])

@@ -212,8 +212,8 @@ inline u32x16 load_bits(const F16* p) {
 // as 4-bit fields, eight per 32-bit lane (exponent base + 8j + f in field f
 // of counter j). A field gains at most 1 per 16 elements, so the counters
 // are emptied into 8-bit fields every kNibbleRun vectors (two byte counters
-// per nibble counter, even and odd fields), and those (at most kBlock / 16
-// = 128 per lane) are summed over the lanes once per block.
+// per nibble counter, even and odd fields), and those (at most
+// kInPlaceBlock / 16 = 240 per lane) go to the item's WideCounts once per block.
 constexpr int kWin = 32;
 constexpr int kNibbleCounters = kWin / 8;
 constexpr int kNibbleRun = 15;
@@ -313,7 +313,7 @@ struct WideCounts {
 static_assert(kChunk / 16 < 65536 && 4 * kNibbleCounters == 16, "WideCounts layout");
 
 // Whether float sums of a block's squares (15 a lane) may be wrong: for
-// bfloat16 (float16's never are) a run's sum can overflow once |x| >= 2^62,
+// bfloat16 (float16's cannot be, the check is just cheap) a run's sum can overflow once |x| >= 2^62,
 // and values below 2^-63 square to subnormals, which only matters if nothing
 // much larger is in the block. Such blocks are summed again in double.
 inline bool float_squares_unsafe(double block_max) {
@@ -353,7 +353,7 @@ inline void count_missed(const In* __restrict x, int64_t nv, int64_t missed, uin
   if (missed * 32 < nv) {
     // A few: found 16 at a time, up to the last one.
     int64_t left = missed;
-    for (int64_t i = 0; left > 0; i += 16) {
+    for (int64_t i = 0; left > 0 && i < nv; i += 16) {
       const u32x16 au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
       const i32x16 out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
       if (!lane_or(out)) continue;
@@ -648,6 +648,9 @@ template <typename C>
 NormPair scaled_pass(const TensorDesc& d, int64_t begin, int64_t end, double p, double maxabs, C* buf) {
   int k;
   std::frexp(maxabs, &k);
+  // 2^-k and 2^k must both be finite: subnormal maxima (k < -1021) and maxima
+  // of 2^1023 and up (k = 1024) would make one of them 0 or Inf.
+  k = std::min(std::max(k, -1021), 1023);
   const double inv = std::ldexp(1.0, -k);
   double s = 0;
   for_each_block<C>(d, begin, end, buf, [&](const C* x, int64_t n) {
@@ -891,9 +894,10 @@ void grad_stats_cpu(const std::vector<TensorDesc>& descs, const std::vector<doub
   }
 }
 
-// Row T of the tables: the total over rows [0, T), combined in row order as
-// fastgrad/aggregate.py does: norm = M * (sum_t (n_t / M)^p)^(1/p), M = max n_t
-// (NaN if any row is NaN, else Inf if any is Inf); max of max|x|; summed counts.
+// Row T of the tables: the total over rows [0, T), with fastgrad/aggregate.py's
+// math — norm = M * (sum_t (n_t / M)^p)^(1/p), M = max n_t (NaN if any row is
+// NaN, else Inf if any is Inf); max of max|x|; summed counts — summed in row
+// order (torch.sum's order differs: the last bits may too).
 void total_row_cpu(const std::vector<double>& ps, int64_t T, int ncounts, double* floats, int64_t* counts) {
   const int64_t nf = int64_t(ps.size()) + 1;
   double* out = floats + T * nf;

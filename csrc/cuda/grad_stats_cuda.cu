@@ -241,6 +241,7 @@ __device__ void stats_chunk(const StatsArgs& a, int64_t w, int t, const T* p, in
     if (!special_chunk && !fast) {  // block-uniform branch: every value here came from a reduction
       int k;
       frexp(mx, &k);
+      k = min(max(k, -1021), 1023);  // 2^-k and 2^k finite also for subnormal or >= 2^1023 maxima
       const double inv = ldexp(1.0, -k);
       double acc = 0.0;
       for (int64_t i = threadIdx.x; i < n; i += kThreads) {
@@ -291,9 +292,10 @@ struct NormList {
 
 constexpr int kCombineWarps = 8;  // warps (= tensors) per combine block
 
-// Row T = the total over rows [0, T) of `out`, in row order (as
-// fastgrad/aggregate.py): norm = M * (sum_t (n_t / M)^p)^(1/p), M = max n_t,
-// NaN if any row is NaN, else Inf if any is; max of max|x|. Whole block.
+// Row T = the total over rows [0, T) of `out`, with fastgrad/aggregate.py's
+// math (norm = M * (sum_t (n_t / M)^p)^(1/p), M = max n_t, NaN if any row is
+// NaN, else Inf if any is; max of max|x|) in a fixed order of its own (the
+// last bits may differ from torch.sum's). Whole block.
 __device__ void total_row(const double* out, int T, const NormList& norms, double* scratch) {
   const int np = norms.np;
   const int64_t nf = np + 1;
