@@ -10,6 +10,14 @@ choose backends.
 
 Tensors that land on the same (device, backend) go to that backend in one
 call, whatever their dtypes, so the common case is a single call.
+
+Two shortcuts keep the host's work small (thousands of gradients cost
+microseconds each otherwise): ``plain_stats`` / ``scale_`` / ``clamp_`` first
+offer the list to the backend of the first tensor's device (C++ on the CPU,
+CUDA on a GPU), which reads every tensor's metadata in one C++ pass and takes
+it only if all are plain contiguous tensors of that device; and backends that
+write the total row themselves (``stats_full``) spare the caller the torch ops
+of :mod:`fastgrad.aggregate` for ``total_norm``.
 """
 
 from __future__ import annotations
