@@ -224,10 +224,13 @@ PYBIND11_MODULE(_C, m) {
       "scale_list",
       [](py::list tensors, py::handle tensor_type, py::tuple dtypes, py::handle strided, int64_t coef_ptr,
          int num_threads) {
+        // Coefficient 1 (clipping that does not clip): nothing to write, so no
+        // tensor needs reading either.
+        const double coef = *reinterpret_cast<const double*>(coef_ptr);
+        if (coef == 1.0) return true;
         std::vector<fastgrad::TensorDesc> descs;
         int mask = 0;
         if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask)) return false;
-        const double coef = *reinterpret_cast<const double*>(coef_ptr);
         py::gil_scoped_release nogil;
         fastgrad::scale_cpu(descs, coef, num_threads);
         return true;

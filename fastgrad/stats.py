@@ -48,17 +48,7 @@ class GradStats:
 
         ``inf`` is ``max_abs`` unless the row holds a NaN (then NaN), as torch's inf-norm.
         """
-        p = self.norm_type if p is None else float(p)
-        if math.isinf(p):
-            return torch.where(self.nan_count > 0, float("nan"), self.max_abs)
-        try:
-            j = self.spec.finite_norms.index(p)
-        except ValueError:
-            raise ValueError(
-                f"norm {p} was not computed; pass norm_types including it (computed: "
-                f"{self.spec.norm_types})"
-            ) from None
-        return self.raw.floats[:, j]
+        return row_norms(self.spec, self.raw, self.norm_type if p is None else float(p))
 
     @property
     def tensor_norms(self) -> torch.Tensor:
@@ -179,6 +169,20 @@ class GradStats:
         if len(order) > max_rows:
             lines.append(f"... {len(order) - max_rows} more rows")
         return "\n".join(lines)
+
+
+def row_norms(spec: StatsSpec, raw: RawStats, p: float) -> torch.Tensor:
+    """float64 p-norms of the rows of ``raw`` (``p`` among ``spec``'s norm types; ``inf`` is
+    ``max|x|``, NaN where the row holds a NaN, as torch's inf-norm)."""
+    if math.isinf(p):
+        return torch.where(raw.counts[:, NAN] > 0, float("nan"), raw.floats[:, -1])
+    try:
+        j = spec.finite_norms.index(p)
+    except ValueError:
+        raise ValueError(
+            f"norm {p} was not computed; pass norm_types including it (computed: {spec.norm_types})"
+        ) from None
+    return raw.floats[:, j]
 
 
 GroupsArg = str | int | Callable[[str], str] | Mapping[str, str] | Sequence[str] | None
