@@ -90,7 +90,7 @@ class BuildExt(build_ext):
     def build_extension(self, ext):
         if ext.name == "fastgrad._cuda":
             return self._build_cuda(ext)
-        flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+        flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
         arch = os.environ.get("FASTGRAD_CPU_ARCH", "native")
         if arch and _compiles(self.compiler, [f"-march={arch}"]):
             flags.append(f"-march={arch}")

@@ -5,6 +5,7 @@
 // torch and one build serves every torch version.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -107,24 +108,23 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// float -> IEEE half, round to nearest even, overflow to Inf, NaN kept.
+// float -> IEEE half, round to nearest even, overflow to Inf, NaN kept (as
+// torch: sign | 0x7e00). Branch-free (all three cases computed, one kept), so
+// that loops over it vectorise.
 inline uint16_t float_to_f16(float f) {
   uint32_t u = float_to_bits(f);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   u &= 0x7fffffffu;
-  uint16_t o;
-  if (u >= (143u << 23)) {  // |f| >= 65536 (or Inf / NaN)
-    o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  } else if (u < (113u << 23)) {  // result is a half subnormal or zero
-    // Adding 0.5 puts the half mantissa in the low float bits, rounded by the FPU (RNE).
-    const float magic = bits_to_float(126u << 23);
-    o = uint16_t(float_to_bits(bits_to_float(u) + magic) - float_to_bits(magic));
-  } else {
-    const uint32_t odd = (u >> 13) & 1u;
-    u += (uint32_t(15 - 127) << 23) + 0xfffu + odd;
-    o = uint16_t(u >> 13);
-    if (o > 0x7c00u) o = 0x7c00u;
-  }
+  // |f| >= 65536, Inf or NaN
+  const uint32_t big = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // a half subnormal or zero: adding 0.5 puts the half mantissa in the low
+  // float bits, rounded by the FPU (RNE); the sum is a normal float, so this
+  // holds also when the thread flushes denormals
+  const float magic = bits_to_float(126u << 23);
+  const uint32_t sub = float_to_bits(bits_to_float(u) + magic) - float_to_bits(magic);
+  // a normal half: rebias, round to nearest even on the dropped 13 bits
+  const uint32_t normal = std::min((u + (uint32_t(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13, 0x7c00u);
+  const uint32_t o = u >= (143u << 23) ? big : (u < (113u << 23) ? sub : normal);
   return uint16_t(o | sign);
 }
 
