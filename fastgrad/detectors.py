@@ -1,6 +1,6 @@
 """Gradient-health detectors: vanishing, exploding, non-finite and dead layers.
 
-Detectors run on the host, on :class:`~fastgrad.loggers.base.StepRecord` s,
+Detectors run on the host, on :class:`~fastgrad.records.StepRecord` s,
 when the :class:`~fastgrad.GradMonitor` flushes (every ``log_every``
 monitored steps, or on ``flush()``/``close()``). They never touch device
 tensors, so they cost no sync of their own; the price is that a finding is
@@ -58,50 +58,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .loggers.base import StepRecord, decode_float, encode_float, format_layers
+from .records import Finding, StepRecord, format_layers
 
 KINDS = ("vanishing", "exploding", "nonfinite", "dead")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One detector event.
-
-    Attributes:
-        kind: ``"vanishing"``, ``"exploding"``, ``"nonfinite"`` or ``"dead"``.
-        step: the monitored step at which the detector fired.
-        first_step: the step at which the condition began (``step - patience + 1`` style).
-        layers: the layers concerned, in model order (``("<global>",)`` for the global norm).
-        message: one readable sentence naming layers and steps.
-        value: the key number (an RMS, a norm, a count), when there is one.
-    """
-
-    kind: str
-    step: int
-    first_step: int
-    layers: tuple[str, ...]
-    message: str
-    value: float | None = None
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        d["value"] = encode_float(self.value)
-        return {"type": "finding", **d}
-
-    @classmethod
-    def from_json(cls, d: dict) -> Finding:
-        return cls(kind=d["kind"], step=int(d["step"]), first_step=int(d["first_step"]),
-                   layers=tuple(d["layers"]), message=d["message"], value=decode_float(d.get("value")))
-
-    def __str__(self) -> str:
-        return self.message
-
-
 GLOBAL = "<global>"
 
 

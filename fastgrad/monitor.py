@@ -25,73 +25,26 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from .detectors import Detector, Finding, make_detectors
 from .loggers.base import Logger, RunInfo, StepRecord, format_layers
-from .spec import NUM_COUNTS, HistogramSpec, parse_norm_type
-from .stats import GradStats, grad_stats, module_group
+from .loggers.group import LoggerArg, LoggerFailure, LoggerGroup, logger_specs
+from .loggers.group import default_run_dir as _default_run_dir  # noqa: F401 (former home)
+from .loggers.group import make_logger as _make_logger  # noqa: F401 (former home)
+from .monitor_buffer import StepBuffer
+from .monitor_buffer import combine_norms as _combine_norms  # noqa: F401 (former home)
+from .monitor_options import MonitorOptions, block_group
+from .spec import HistogramSpec
+from .stats import GradStats, grad_stats
+
+__all__ = ["GradMonitor", "block_group"]
 
 log = logging.getLogger("fastgrad.monitor")
-
-LoggerArg = Logger | str
-
-_BLOCK = re.compile(r"^(.*?\.?\d+)(?:\.|$)")
-
-
-def block_group(name: str) -> str:
-    """The repeated block owning a parameter: the prefix up to the first numeric component.
-
-    ``transformer.h.3.attn.c_attn.weight`` -> ``transformer.h.3``; ``0.weight`` -> ``0``;
-    names without a numeric component fall back to their owning module
-    (``transformer.wte.weight`` -> ``transformer.wte``).
-    """
-    parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    return module_group(name)
-
-
-def _default_run_dir() -> str:
-    return os.path.join("fastgrad_runs", time.strftime("%Y%m%d-%H%M%S"))
-
-
-def _make_logger(spec: LoggerArg, run_dir: str) -> Logger:
-    if isinstance(spec, Logger):
-        return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"loggers must hold Logger instances or names, got {type(spec).__name__}")
-    if spec == "jsonl":
-        from .loggers.jsonl import JsonlLogger
-        return JsonlLogger(run_dir)
-    if spec == "csv":
-        from .loggers.csv import CsvLogger
-        return CsvLogger(run_dir)
-    if spec == "tensorboard":
-        from .loggers.tensorboard import TensorBoardLogger
-        return TensorBoardLogger(os.path.join(run_dir, "tensorboard"))
-    if spec == "wandb":
-        from .loggers.wandb import WandbLogger
-        return WandbLogger(dir=run_dir)
-    raise ValueError(f"unknown logger {spec!r}; use 'jsonl', 'csv', 'tensorboard', 'wandb' or a Logger")
-
-
-class _Pending:
-    """Host-side layout of one buffered step (the device vector holds the numbers)."""
-
-    __slots__ = ("bins", "has_clip", "has_skip", "names", "step", "time")
-
-    def __init__(self, step, t, names, bins, has_clip, has_skip):
-        self.step, self.time, self.names, self.bins = step, t, names, bins
-        self.has_clip, self.has_skip = has_clip, has_skip
-
 
 _UNSET = object()
 _GLOBAL = "<global>"
@@ -115,7 +68,8 @@ class GradMonitor:
             ``"jsonl"``, ``"csv"``, ``"tensorboard"``, ``"wandb"`` (written under ``run_dir``).
         detectors: ``"default"`` (all four with documented thresholds), None, or
             :class:`~fastgrad.detectors.Detector` instances.
-        run_dir: where named loggers write (default ``fastgrad_runs/<date-time>``).
+        run_dir: where named loggers write (default: a new directory ``fastgrad_runs/<date-time>``,
+            ``-2``, ``-3``... appended if that name is taken, so two monitors never share it).
         norm_type: the per-layer norm (2 by default).
         histogram_spec: the bins (default :class:`fastgrad.HistogramSpec`).
         max_norm: the clip threshold, if any, for the report's global-norm plot.
@@ -124,6 +78,29 @@ class GradMonitor:
 
     Nothing here synchronises with the device except :meth:`flush` (and what calls
     it: a step that fills the buffer, :meth:`close`, :meth:`summary`).
+
+    Files, and what happens when they fail:
+
+    * The loggers are opened here, at construction: an unwritable ``run_dir`` (a path
+      under a regular file, a read-only or missing mount) raises OSError naming it,
+      before any training step.
+    * One writer per file: the JSONL and CSV loggers lock their file
+      (``RUN_DIR/.gradients.jsonl.lock``: pid, host, command, start time). A second
+      monitor on the same ``run_dir``, in this process or another, raises RuntimeError
+      naming the first, and touches nothing; the lock is released by :meth:`close`
+      (or at interpreter exit). A lock left by a process that died is taken over with
+      a RuntimeWarning. With ``loggers=()`` nothing is written and nothing locked.
+    * A logger that fails later (a full disk; a custom logger's bug) does not stop
+      training: a RuntimeWarning names it once, it is closed and dropped, the other
+      loggers and :attr:`records` go on. :meth:`close` warns again with the list,
+      never raises for it, and :attr:`logger_failures` keeps it.
+
+    Copies (``copy.deepcopy``, ``pickle``, e.g. of a ``fastgrad.wrap`` optimizer that
+    carries this monitor) hold no open file and no lock: the copy keeps the settings,
+    the step counter, the records, findings, detector state and buffered steps, but has
+    no loggers (``loggers == []``, ``run_dir is None``) and writes nothing; it still
+    records and flushes into :attr:`records`. To log a copied run to files, make a new
+    GradMonitor with its own ``run_dir``.
     """
 
     def __init__(
@@ -143,75 +120,67 @@ class GradMonitor:
         history: int = 10_000,
         backend: str | None = None,
     ):
-        self.model = model if isinstance(model, torch.nn.Module) else None
-        if isinstance(model, torch.nn.Module):
-            self._source: object = model
-            model_name = type(model).__name__
-        elif isinstance(model, (torch.Tensor, str)) or not isinstance(model, Iterable):
-            raise TypeError("model must be a torch.nn.Module or an iterable of (name, parameter) pairs, "
-                            f"got {type(model).__name__}")
-        else:
-            pairs = list(model)
-            if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
-                raise TypeError("model must be a torch.nn.Module or an iterable of (name, parameter) pairs")
-            self._source = pairs
-            model_name = "parameters"
-        for name, v in (("every", every), ("log_every", log_every), ("history", history)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int, got {v!r}")
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every < 0:
-            raise ValueError(f"histogram_every must be an int >= 0 (0 = no histograms), got {histogram_every!r}")
-        if histogram_every and histogram_every % every:
-            raise ValueError(f"histogram_every ({histogram_every}) must be a multiple of every ({every}): "
-                             "histograms are only taken on monitored steps")
-        if histogram_spec is not None and not isinstance(histogram_spec, HistogramSpec):
-            raise TypeError(f"histogram_spec must be a HistogramSpec, got {type(histogram_spec).__name__}")
-        if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
-            raise ValueError(f"max_norm must be a positive number or None, got {max_norm!r}")
-        if groups == "block":
-            self._groups: object = block_group
-        elif groups is None:
-            raise ValueError("groups=None: a monitor needs layers; use 'module', 'block', a depth or a callable")
-        else:
-            self._groups = groups
-            if isinstance(groups, str) and groups != "module":
-                raise ValueError(f"groups={groups!r}: use 'module', 'block', an int depth, a callable or a mapping")
-        self.every, self.histogram_every, self.log_every = every, histogram_every, log_every
-        self.norm_type = parse_norm_type(norm_type)
-        self.histogram_spec = histogram_spec or HistogramSpec()
-        self.max_norm = None if max_norm is None else float(max_norm)
-        self.backend = backend
+        opts = MonitorOptions.from_args(
+            model, every=every, histogram_every=histogram_every, log_every=log_every, groups=groups,
+            norm_type=norm_type, histogram_spec=histogram_spec, max_norm=max_norm, history=history, backend=backend)
         self.detectors: list[Detector] = make_detectors(detectors)
-        self.run_dir = os.fspath(run_dir) if run_dir is not None else None
-
-        if loggers is None:
-            loggers = ()
-        elif isinstance(loggers, (str, Logger)):
-            loggers = (loggers,)
-        if any(isinstance(x, str) for x in loggers) and self.run_dir is None:
-            self.run_dir = _default_run_dir()
-        self.loggers: list[Logger] = [_make_logger(x, self.run_dir) for x in loggers]
-
-        self.records: deque[StepRecord] = deque(maxlen=history)
-        self.findings: list[Finding] = []
+        specs = logger_specs(loggers)
+        self._set_options(opts)
         self.info = RunInfo(
             norm_type=self.norm_type, hist_min_exp=self.histogram_spec.min_exp,
             hist_max_exp=self.histogram_spec.max_exp, every=every, histogram_every=histogram_every,
-            log_every=log_every, max_norm=self.max_norm, model=model_name,
+            log_every=log_every, max_norm=self.max_norm, model=opts.model_name,
             detectors=[d.config() for d in self.detectors], fastgrad_version=_version(), created=time.time(),
         )
-        self._opened = False
+        # Last, once every argument is known good: open the loggers (errors for bad destinations here).
+        self._loggers, run_dir = LoggerGroup.build(specs, None if run_dir is None else os.fspath(run_dir),
+                                                   self.info)
+        self.run_dir = run_dir
+        self._reset_state(history)
+
+    def _set_options(self, opts: MonitorOptions) -> None:
+        self.model = opts.model
+        self._source = opts.source
+        self._groups = opts.groups
+        self.every, self.histogram_every, self.log_every = opts.every, opts.histogram_every, opts.log_every
+        self.norm_type = opts.norm_type
+        self.histogram_spec = opts.histogram_spec
+        self.max_norm = opts.max_norm
+        self.backend = opts.backend
+
+    def _reset_state(self, history: int) -> None:
+        self.records: deque[StepRecord] = deque(maxlen=history)
+        self.findings: list[Finding] = []
         self._closed = False
         self._step = 0
         self._pending_step: object = _UNSET
         self._pending_hist = False
-        self._buf: list[torch.Tensor] = []
-        self._layout: list[_Pending] = []
+        self._buffer = StepBuffer()
         # Running per-layer health for summary(): name -> [min, max] finite norm; name -> non-finite steps
         self._norm_range: dict[str, list[float]] = {}
         self._nonfinite_steps: dict[str, int] = {}
+
+    @property
+    def loggers(self) -> list[Logger]:
+        """The loggers still written to (opened at construction; a logger that failed is dropped)."""
+        return self._loggers.active
+
+    @property
+    def logger_failures(self) -> list[LoggerFailure]:
+        """Loggers that failed during the run (each warned once when it failed, and again on :meth:`close`)."""
+        return list(self._loggers.failures)
+
+    # -- copies ---------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        # Used by copy.deepcopy, copy.copy and pickle. A copy must not share or reopen the
+        # original's files: two writers of one file is what the loggers' locks refuse.
+        state = self.__dict__.copy()
+        state["_loggers"] = LoggerGroup()
+        state["run_dir"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     # -- the wrapper contract ---------------------------------------------------------
     @property
@@ -275,20 +244,8 @@ class GradMonitor:
             else:
                 log.warning("fastgrad.GradMonitor: histogram bins %s differ from the monitor's %s; "
                             "histogram dropped", spec.histogram, self.histogram_spec)
-        counts = rows.raw.counts if bins else rows.raw.counts[:, :NUM_COUNTS]
-        f64 = torch.float64
-        dev = rows.raw.floats.device
-        parts = [rows.norm(p), rows.max_abs, rows.numel.to(f64), counts.to(f64).reshape(-1)]
-        if clip_coef is not None:
-            parts.append(torch.as_tensor(clip_coef, device=dev).to(f64).reshape(1))
-        if skipped is not None:
-            parts.append(torch.as_tensor(skipped, device=dev).to(f64).reshape(1))
-        # One small copy per step: the backend may reuse its output buffers, and a
-        # single contiguous vector per step makes the flush one cat + one transfer.
-        self._buf.append(torch.cat(parts))
-        self._layout.append(_Pending(step, time.time(), rows.names, bins, clip_coef is not None,
-                                     skipped is not None))
-        if len(self._buf) >= self.log_every:
+        self._buffer.append(step, rows, p, bins, clip_coef, skipped)
+        if len(self._buffer) >= self.log_every:
             self.flush()
 
     def step(self) -> GradStats | None:
@@ -311,40 +268,9 @@ class GradMonitor:
         Returns the new records. This is the monitor's only device sync.
         """
         self._check_open()
-        if not self._opened:
-            for lg in self.loggers:
-                lg.open(self.info)
-            self._opened = True
-        if not self._buf:
+        records = self._buffer.drain(self.norm_type)
+        if not records:
             return []
-        host = torch.cat(self._buf).to("cpu").numpy()
-        layout = self._layout
-        self._buf, self._layout = [], []
-        records = []
-        off = 0
-        for lay in layout:
-            g = len(lay.names)
-            ncnt = NUM_COUNTS + lay.bins
-            norm = host[off:off + g]
-            max_abs = host[off + g:off + 2 * g]
-            numel = host[off + 2 * g:off + 3 * g].astype(np.int64)
-            off += 3 * g
-            counts = host[off:off + g * ncnt].reshape(g, ncnt).astype(np.int64)
-            off += g * ncnt
-            clip = skip = None
-            if lay.has_clip:
-                clip = float(host[off])
-                off += 1
-            if lay.has_skip:
-                skip = bool(host[off])
-                off += 1
-            rec = StepRecord(
-                step=lay.step, time=lay.time, layers=tuple(lay.names), numel=numel, norm=norm.copy(),
-                max_abs=max_abs.copy(), nan=counts[:, 0], posinf=counts[:, 1], neginf=counts[:, 2],
-                zero=counts[:, 3], total_norm=_combine_norms(norm, self.norm_type),
-                clip_coef=clip, skipped=skip, histograms=counts[:, NUM_COUNTS:] if lay.bins else None,
-            )
-            records.append(rec)
         new_findings: list[Finding] = []
         for rec in records:
             self._track(rec)
@@ -354,23 +280,22 @@ class GradMonitor:
             log.warning("fastgrad: %s", f.message)
         self.records.extend(records)
         self.findings += new_findings
-        for lg in self.loggers:
-            lg.log_steps(records)
-            if new_findings:
-                lg.log_findings(new_findings)
-            lg.flush()
+        self._loggers.write(records, new_findings)
         return records
 
     def close(self) -> None:
-        """Flush what is buffered and close the loggers. Idempotent."""
+        """Flush what is buffered and close the loggers. Idempotent.
+
+        Never raises for a logger: loggers that failed during the run, or fail to
+        close, are listed in :attr:`logger_failures` and in a RuntimeWarning.
+        """
         if self._closed:
             return
         try:
             self.flush()
         finally:
             self._closed = True
-            for lg in self.loggers:
-                lg.close()
+            self._loggers.close()
 
     def __enter__(self) -> GradMonitor:  # noqa: PYI034 (Python 3.10 has no typing.Self)
         return self

@@ -1,4 +1,4 @@
-"""The host-side records a :class:`~fastgrad.GradMonitor` hands to loggers, and the logger interface.
+"""The logger interface; the records it receives live in :mod:`fastgrad.records`.
 
 A :class:`StepRecord` is one monitored optimizer step, already on the host
 (numpy arrays, one entry per layer); a :class:`RunInfo` describes the run
@@ -6,207 +6,26 @@ once. Loggers receive records in step order, in batches of up to
 ``log_every`` steps (the monitor syncs with the device once per batch), and
 never touch device tensors themselves.
 
-Encoding for text formats: non-finite floats are written as the strings
-``"nan"``, ``"inf"`` and ``"-inf"`` (standard JSON has no NaN), and read back
-by :func:`decode_float`.
+The record types, :func:`encode_float` / :func:`decode_float` and
+:func:`format_layers` are defined in :mod:`fastgrad.records` (shared with the
+detectors) and re-exported here, where they have always been importable.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..detectors import Finding
-
-SCHEMA_VERSION = 1
-
-
-def encode_float(x: float | None) -> float | str | None:
-    """A float as JSON allows it: finite floats as is, NaN/±Inf as ``"nan"``/``"inf"``/``"-inf"``."""
-    if x is None:
-        return None
-    x = float(x)
-    if math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
-def decode_float(x: Any) -> float | None:
-    """Inverse of :func:`encode_float`."""
-    if x is None:
-        return None
-    return float(x)  # float("nan"), float("inf"), float("-inf") parse the strings
-
-
-@dataclass
-class RunInfo:
-    """What a run's records mean: written once, first, by every logger that has a header."""
-
-    norm_type: float = 2.0
-    hist_min_exp: int = -64
-    hist_max_exp: int = 16
-    every: int = 1
-    histogram_every: int = 100
-    log_every: int = 50
-    max_norm: float | None = None
-    model: str = ""
-    detectors: list[dict] = field(default_factory=list)
-    fastgrad_version: str = ""
-    created: float = 0.0
-    schema: int = SCHEMA_VERSION
-
-    @property
-    def num_bins(self) -> int:
-        return self.hist_max_exp - self.hist_min_exp + 2
-
-    def log2_edges(self) -> np.ndarray:
-        """``num_bins + 1`` edges in log2-magnitude space.
-
-        Bin ``0`` (underflow, ``|x| < 2^min_exp``) is drawn as ``[min_exp - 1, min_exp)``
-        and the overflow bin as ``[max_exp, max_exp + 1)``: one binade each, so plots
-        and histogram viewers get finite edges.
-        """
-        return np.arange(self.hist_min_exp - 1, self.hist_max_exp + 2, dtype=np.float64)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["max_norm"] = encode_float(self.max_norm)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RunInfo:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        known["max_norm"] = decode_float(known.get("max_norm"))
-        return cls(**known)
-
-
-@dataclass
-class StepRecord:
-    """One monitored step on the host. Arrays have one entry per layer (``layers`` order).
-
-    Attributes:
-        step: the monitor's optimizer-step counter (0-based).
-        time: wall-clock seconds (``time.time()``) when the step was recorded.
-        layers: layer (group) names.
-        numel, norm, max_abs, nan, posinf, neginf, zero: per-layer element count,
-            ``norm_type``-norm, max ``|g|``, NaN/+Inf/-Inf/zero element counts.
-        total_norm: the global norm over all layers.
-        clip_coef: the clip coefficient applied this step (``<= 1``), None if unknown.
-        skipped: whether the optimizer step was skipped, None if unknown.
-        histograms: int64 ``[layers, bins]`` power-of-two magnitude histograms
-            (see :class:`fastgrad.HistogramSpec`) on histogram steps, else None.
-    """
-
-    step: int
-    time: float
-    layers: tuple[str, ...]
-    numel: np.ndarray
-    norm: np.ndarray
-    max_abs: np.ndarray
-    nan: np.ndarray
-    posinf: np.ndarray
-    neginf: np.ndarray
-    zero: np.ndarray
-    total_norm: float
-    clip_coef: float | None = None
-    skipped: bool | None = None
-    histograms: np.ndarray | None = None
-
-    # -- derived ---------------------------------------------------------------
-    @property
-    def nonfinite(self) -> np.ndarray:
-        return self.nan + self.posinf + self.neginf
-
-    @property
-    def rms(self) -> np.ndarray:
-        """Per-layer root-mean-square gradient (2-norm only): ``norm / sqrt(numel)``, comparable across layer sizes."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return self.norm / np.sqrt(np.maximum(self.numel, 1))
-
-    @property
-    def total_max_abs(self) -> float:
-        return float(self.max_abs.max()) if self.max_abs.size else 0.0
-
-    @property
-    def total_nonfinite(self) -> int:
-        return int(self.nonfinite.sum())
-
-    @property
-    def total_zero(self) -> int:
-        return int(self.zero.sum())
-
-    @property
-    def total_numel(self) -> int:
-        return int(self.numel.sum())
-
-    @property
-    def clipped(self) -> bool | None:
-        """True when a clip coefficient below 1 was applied (None if unknown)."""
-        return None if self.clip_coef is None else bool(self.clip_coef < 1.0)
-
-    @property
-    def global_histogram(self) -> np.ndarray | None:
-        return None if self.histograms is None else self.histograms.sum(axis=0)
-
-    # -- JSON --------------------------------------------------------------------
-    def to_json(self) -> dict:
-        """The JSONL ``"step"`` object (schema in :mod:`fastgrad.loggers.jsonl`)."""
-        layers = {}
-        for i, name in enumerate(self.layers):
-            layers[name] = {
-                "norm": encode_float(self.norm[i]),
-                "max_abs": encode_float(self.max_abs[i]),
-                "numel": int(self.numel[i]),
-                "nan": int(self.nan[i]),
-                "posinf": int(self.posinf[i]),
-                "neginf": int(self.neginf[i]),
-                "zero": int(self.zero[i]),
-            }
-        out: dict = {
-            "type": "step",
-            "step": self.step,
-            "time": self.time,
-            "total": {
-                "norm": encode_float(self.total_norm),
-                "max_abs": encode_float(self.total_max_abs),
-                "numel": self.total_numel,
-                "nonfinite": self.total_nonfinite,
-                "zero": self.total_zero,
-            },
-            "clip_coef": encode_float(self.clip_coef),
-            "skipped": self.skipped,
-            "layers": layers,
-        }
-        if self.histograms is not None:
-            out["histograms"] = {name: self.histograms[i].tolist() for i, name in enumerate(self.layers)}
-        return out
-
-    @classmethod
-    def from_json(cls, d: dict) -> StepRecord:
-        layers = tuple(d["layers"])
-        rows = [d["layers"][n] for n in layers]
-
-        def col(key: str, dtype) -> np.ndarray:
-            if dtype is np.float64:
-                return np.array([decode_float(r[key]) for r in rows], dtype=np.float64)
-            return np.array([r[key] for r in rows], dtype=dtype)
-
-        hist = None
-        if d.get("histograms") is not None:
-            hist = np.array([d["histograms"][n] for n in layers], dtype=np.int64)
-        return cls(
-            step=int(d["step"]), time=float(d.get("time", 0.0)), layers=layers,
-            numel=col("numel", np.int64), norm=col("norm", np.float64),
-            max_abs=col("max_abs", np.float64), nan=col("nan", np.int64),
-            posinf=col("posinf", np.int64), neginf=col("neginf", np.int64),
-            zero=col("zero", np.int64), total_norm=decode_float(d["total"]["norm"]),
-            clip_coef=decode_float(d.get("clip_coef")), skipped=d.get("skipped"), histograms=hist,
-        )
+from ..records import (  # noqa: F401 (re-exported)
+    SCHEMA_VERSION,
+    Finding,
+    RunInfo,
+    StepRecord,
+    decode_float,
+    encode_float,
+    format_layers,
+)
 
 
 class Logger:
@@ -245,10 +64,3 @@ def trimmed_histogram(counts: np.ndarray, info: RunInfo) -> tuple[np.ndarray, np
         return None
     lo, hi = int(nz[0]), int(nz[-1]) + 1
     return counts[lo:hi], info.log2_edges()[lo:hi + 1]
-
-
-def format_layers(layers: Sequence[str], limit: int = 6) -> str:
-    """``a, b, c and 4 more``: layer lists for messages."""
-    layers = list(layers)
-    head = ", ".join(layers[:limit])
-    return head if len(layers) <= limit else f"{head} and {len(layers) - limit} more"

@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 
 from .base import Logger, RunInfo, StepRecord
+from .files import Claim, make_dirs
 
 COLUMNS = ["step", "layer", "numel", "norm", "max_abs", "nan", "posinf", "neginf", "zero", "clip_coef", "skipped"]
 FINDING_COLUMNS = ["step", "first_step", "kind", "layers", "value", "message"]
@@ -25,22 +26,37 @@ def _opt(x) -> str:
 
 
 class CsvLogger(Logger):
-    """Writes ``gradients.csv`` and ``findings.csv`` into ``run_dir`` (truncating them unless ``append=True``)."""
+    """Writes ``gradients.csv`` and ``findings.csv`` into ``run_dir`` (truncating them unless ``append=True``).
+
+    :meth:`open` creates ``run_dir``, locks ``gradients.csv`` (``.gradients.csv.lock``,
+    covering ``findings.csv`` too; see :mod:`fastgrad.loggers.files`) and opens it, so
+    an unwritable destination or a second writer is an error there, before any step.
+    """
 
     def __init__(self, run_dir: str | os.PathLike, *, append: bool = False):
         self.run_dir = os.fspath(run_dir)
         self.append = append
         self._fh = self._ffh = None
+        self._claim: Claim | None = None
 
     def open(self, info: RunInfo) -> None:
         super().open(info)
-        os.makedirs(self.run_dir, exist_ok=True)
+        if self._claim is not None:
+            return
+        make_dirs(self.run_dir, "gradients.csv")
         path = os.path.join(self.run_dir, "gradients.csv")
-        fresh = not (self.append and os.path.exists(path))
-        self._fh = open(path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115 (kept open)
-        self._w = csv.writer(self._fh)
-        if fresh:
-            self._w.writerow(COLUMNS)
+        claim = Claim(self, path, "gradients.csv")
+        try:
+            fresh = not (self.append and os.path.exists(path))
+            self._fh = claim.open(path, "w" if fresh else "a", newline="")
+            self._claim = claim
+            self._w = csv.writer(self._fh)
+            if fresh:
+                self._w.writerow(COLUMNS)
+        except BaseException:
+            self._fh = self._claim = None
+            claim.close()
+            raise
 
     def log_steps(self, records: Sequence[StepRecord]) -> None:
         for r in records:
@@ -55,7 +71,7 @@ class CsvLogger(Logger):
         if self._ffh is None:
             path = os.path.join(self.run_dir, "findings.csv")
             fresh = not (self.append and os.path.exists(path))
-            self._ffh = open(path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115
+            self._ffh = self._claim.open(path, "w" if fresh else "a", newline="")
             self._fw = csv.writer(self._ffh)
             if fresh:
                 self._fw.writerow(FINDING_COLUMNS)
@@ -68,7 +84,13 @@ class CsvLogger(Logger):
                 fh.flush()
 
     def close(self) -> None:
-        for fh in (self._fh, self._ffh):
-            if fh is not None:
-                fh.close()
+        claim, self._claim = self._claim, None
         self._fh = self._ffh = None
+        if claim is not None:
+            claim.close()
+
+    def __getstate__(self) -> dict:
+        if self._claim is not None:
+            raise TypeError(f"an open CsvLogger ({self.run_dir!r}) cannot be copied or pickled: it holds its files "
+                            "and their lock; make a new logger")
+        return self.__dict__.copy()

@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..records import Finding
 from .base import Logger, RunInfo, StepRecord
+from .files import Claim, make_dirs
 
 FILENAME = "gradients.jsonl"
 
@@ -48,6 +51,12 @@ class JsonlLogger(Logger):
 
     A new logger truncates an existing file unless ``append=True`` (resuming a run:
     the steps continue after the first header, and :func:`read_run` keeps that header).
+
+    :meth:`open` creates the directory, locks the file (``.gradients.jsonl.lock``
+    beside it, see :mod:`fastgrad.loggers.files`) and opens it, so an unwritable
+    destination or a second writer of the same file is an error there, before any
+    step. The lock is released by :meth:`close` (or at interpreter exit). An open
+    logger cannot be copied or pickled (TypeError).
     """
 
     def __init__(self, path: str | os.PathLike, *, append: bool = False):
@@ -55,12 +64,22 @@ class JsonlLogger(Logger):
         self.path = path if path.endswith(".jsonl") else os.path.join(path, FILENAME)
         self.append = append
         self._fh = None
+        self._claim: Claim | None = None
 
     def open(self, info: RunInfo) -> None:
         super().open(info)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self._fh = open(self.path, "a" if self.append else "w", encoding="utf-8")  # noqa: SIM115 (kept open)
-        self._write({"type": "meta", **info.to_dict()})
+        if self._claim is not None:
+            return
+        make_dirs(os.path.dirname(self.path), FILENAME)
+        claim = Claim(self, self.path, os.path.basename(self.path))
+        try:
+            self._fh = claim.open(self.path, "a" if self.append else "w")
+            self._claim = claim
+            self._write({"type": "meta", **info.to_dict()})
+        except BaseException:
+            self._fh = self._claim = None
+            claim.close()
+            raise
 
     def _write(self, obj: dict) -> None:
         self._fh.write(json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n")
@@ -78,9 +97,15 @@ class JsonlLogger(Logger):
             self._fh.flush()
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        claim, self._claim, self._fh = self._claim, None, None
+        if claim is not None:
+            claim.close()
+
+    def __getstate__(self) -> dict:
+        if self._claim is not None:
+            raise TypeError(f"an open JsonlLogger ({self.path!r}) cannot be copied or pickled: it holds the file "
+                            "and its lock; make a new logger (with another path, or append=True after close())")
+        return self.__dict__.copy()
 
 
 @dataclass
@@ -103,34 +128,80 @@ class Run:
 
 
 def read_run(path: str | os.PathLike) -> Run:
-    """Read ``RUN_DIR/gradients.jsonl`` (or a ``.jsonl`` path). Raises FileNotFoundError / ValueError."""
-    from ..detectors import Finding
+    """Read ``RUN_DIR/gradients.jsonl`` (or a ``.jsonl`` path). Raises FileNotFoundError / ValueError.
 
+    A last line that is not complete JSON — the file was cut by a crash or a full
+    disk mid-write — is skipped with a RuntimeWarning naming it; everything before
+    it is read. Any other bad line (not JSON, JSON of the wrong shape such as
+    ``[1, 2]``, a ``"step"`` without ``"layers"``) raises ValueError naming the
+    file and line number. Lines of an unknown ``"type"`` are ignored (newer writers).
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, FILENAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no fastgrad run at {path!r} (expected a {FILENAME} written by GradMonitor)")
     run: Run | None = None
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
-            kind = obj.get("type")
-            if kind == "meta":
-                if run is None:  # a resumed run appends a second header: keep the first
-                    run = Run(RunInfo.from_dict(obj), path=path)
-            elif run is None:
-                raise ValueError(f"{path}:{lineno}: {kind!r} line before the 'meta' header")
-            elif kind == "step":
-                run.steps.append(StepRecord.from_json(obj))
-            elif kind == "finding":
-                run.findings.append(Finding.from_json(obj))
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.read().split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if not line:
+            continue
+        lineno = i + 1
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == last:
+                warnings.warn(f"{path}:{lineno}: the last line is incomplete ({len(line)} characters, not "
+                              f"complete JSON: {e.msg}), as a crash or a full disk mid-write leaves it; "
+                              "skipped, the steps before it are read", RuntimeWarning, stacklevel=2)
+                break
+            raise ValueError(f"{path}:{lineno}: not JSON ({e}); the file is corrupted (two writers at "
+                             "once? a damaged copy?)") from None
+        run = _read_line(obj, run, path, lineno)
     if run is None:
         raise ValueError(f"{path}: empty, no 'meta' header")
+    return run
+
+
+def _bad(path: str, lineno: int, what: str) -> ValueError:
+    return ValueError(f"{path}:{lineno}: {what}; not a line GradMonitor writes (is this a fastgrad run?)")
+
+
+def _read_line(obj, run: Run | None, path: str, lineno: int) -> Run | None:
+    """Add one decoded line to ``run`` (None before the header); ValueError naming the line if malformed."""
+    if not isinstance(obj, dict):
+        raise _bad(path, lineno, f"a JSON {type(obj).__name__}, expected an object with a 'type'")
+    kind = obj.get("type")
+    if kind == "meta":
+        if run is not None:  # a resumed run appends a second header: keep the first
+            return run
+        try:
+            info = RunInfo.from_dict(obj)
+            for key in ("norm_type", "hist_min_exp", "hist_max_exp", "every", "histogram_every", "log_every"):
+                v = getattr(info, key)
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise TypeError(f"{key!r} is {v!r}, not a number")
+        except (TypeError, ValueError) as e:
+            raise _bad(path, lineno, f"malformed 'meta' header ({e})") from None
+        return Run(info, path=path)
+    if kind not in ("step", "finding"):
+        if not isinstance(kind, str):
+            raise _bad(path, lineno, f"no 'type' string (got {kind!r})")
+        return run  # a line type from a newer writer
+    if run is None:
+        raise ValueError(f"{path}:{lineno}: {kind!r} line before the 'meta' header")
+    try:
+        if kind == "step":
+            if not isinstance(obj.get("layers"), dict):
+                raise KeyError("layers") if "layers" not in obj else TypeError("'layers' is not an object")
+            run.steps.append(StepRecord.from_json(obj))
+        else:
+            run.findings.append(Finding.from_json(obj))
+    except KeyError as e:
+        raise _bad(path, lineno, f"a {kind!r} line without {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise _bad(path, lineno, f"malformed {kind!r} line ({type(e).__name__}: {e})") from None
     return run
