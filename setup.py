@@ -136,7 +136,7 @@ class BuildExt(build_ext):
 ext_modules = [
     Pybind11Extension(
         "fastgrad._C",
-        ["csrc/bindings.cpp", "csrc/cpu/grad_stats_cpu.cpp", "csrc/cpu/scale_cpu.cpp"],
+        ["csrc/bindings.cpp", "csrc/cpu/grad_stats_cpu.cpp", "csrc/cpu/scale_cpu.cpp", "csrc/cpu/step_epilogue_cpu.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
     )

@@ -148,6 +148,8 @@ bool read_plain_cpu_tensors(const py::list& tensors, py::handle tensor_type, con
 
 }  // namespace
 
+#include "cpu/step_epilogue_cpu.h"  // fastgrad.optim.epilogue
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastgrad CPU kernels (raw-pointer interface; use fastgrad.grad_stats instead)";
 
@@ -272,6 +274,54 @@ PYBIND11_MODULE(_C, m) {
         fastgrad::clamp_cpu(descs, lo, hi, num_threads);
       },
       "x = clamp(x, lo, hi) for every tensor, NaN kept.");
+
+  // The optimizer step's epilogue (csrc/cpu/step_epilogue_cpu.cpp; order of the three lists:
+  // fastgrad/optim/epilogue.py, _cpu_epilogue).
+  m.def(
+      "step_epilogue",
+      [](const std::vector<int64_t>& p, const std::vector<int64_t>& i, const std::vector<double>& r) {
+        if (p.size() != 18 || i.size() != 10 || r.size() != 6)
+          throw std::invalid_argument("step_epilogue: expected 18 pointers, 10 ints and 6 reals");
+        fastgrad::EpilogueArgs a;
+        auto f64 = [&](int k) { return reinterpret_cast<double*>(p[size_t(k)]); };
+        auto i64 = [&](int k) { return reinterpret_cast<int64_t*>(p[size_t(k)]); };
+        a.total_row = f64(0);
+        a.total_counts = i64(1);
+        a.tensor_counts = i64(2);
+        a.bad = i64(3);
+        a.amp_scale = reinterpret_cast<const float*>(p[4]);
+        a.amp_found = reinterpret_cast<const float*>(p[5]);
+        a.counters = i64(6);
+        a.spike_buf = f64(7);
+        a.spike_count = i64(8);
+        a.spike_pos = i64(9);
+        a.clip_buf = f64(10);
+        a.clip_count = i64(11);
+        a.clip_pos = i64(12);
+        a.clip_mean = f64(13);
+        a.clip_var = f64(14);
+        a.out_f64 = f64(15);
+        a.out_bool = reinterpret_cast<uint8_t*>(p[16]);
+        a.out_f32 = reinterpret_cast<float*>(p[17]);
+        a.norm_col = int(i[0]);
+        a.max_col = int(i[1]);
+        a.num_tensors = i[2];
+        a.counts_stride = i[3];
+        a.nonfinite_cols = int(i[4]);
+        a.skip_nonfinite = i[5] != 0;
+        a.spike_window = i[6];
+        a.clip_kind = int(i[7]);
+        a.clip_len = i[8];
+        a.z_adaptive = i[9] != 0;
+        a.spike_sigma = r[0];
+        a.max_norm = r[1];
+        a.quantile = r[2];
+        a.alpha = r[3];
+        a.z_thresh = r[4];
+        a.z_eps = r[5];
+        fastgrad::step_epilogue_cpu(a);
+      },
+      "The optimizer step epilogue on small CPU state arrays (pointers; 0 = absent).");
 
 #ifdef _OPENMP
   m.attr("openmp") = true;
