@@ -10,9 +10,14 @@ on purpose:
   bf16, and overflows float32 at ``|x| ~ 1e19``;
 * one fused read per gradient for the norm, one read+write for the scaling,
   and no write at all when the coefficient is 1 (torch multiplies anyway);
-* invalid ``max_norm`` / ``clip_value`` (negative, NaN) and ``norm_type <= 0``
-  raise ``ValueError`` before anything is touched (torch silently flips signs);
-* ``error_if_nonfinite=True`` names the offending gradients;
+* invalid ``max_norm`` / ``clip_value`` (negative, NaN) raise ``ValueError``
+  before anything is touched (torch silently flips signs);
+* ``error_if_nonfinite=True`` names the offending gradients; it raises when the
+  returned norm is non-finite, as torch — including float16 gradients whose
+  norm exceeds 65504, which fastgrad still clips correctly when the error is off
+  (torch zeroes them: its coefficient is ``max_norm / inf``);
+* ``norm_type <= 0`` (accepted by torch, not norms) takes a plain torch-ops path
+  with torch's values;
 * ``foreach`` is accepted and ignored: every path is multi-tensor already;
 * sharded gradients (DTensor, FSDP2) and ``process_group=`` give the global
   norm from one small all-reduce (:mod:`fastgrad.distributed`); the norm is
@@ -29,29 +34,57 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from . import aggregate, distributed
-from .collect import check_grads, promoted_dtype
-from .ops import clamp_op_, full_stats_op, grad_stats_op, plain_stats_op, scale_op_
-from .spec import StatsSpec, parse_norm_type
-from .stats import build_stats, row_norms
+from . import distributed
+from .collect import check_grads
+from .ops import clamp_op_, scale_op_
+from .spec import NAN, NEGINF, POSINF, ZERO, RawStats
+from .stats import compute_total_norm
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 EPS = 1e-6  # torch's: coef = max_norm / (total_norm + 1e-6)
 
 
-def _check_threshold(value, what: str) -> None:
+def clip_coefficient(max_norm, total_norm: torch.Tensor) -> torch.Tensor:
+    """float64 0-d ``min(max_norm / (total_norm + 1e-6), 1)`` on ``total_norm``'s device.
+
+    torch's rule (``clip_grads_with_norm_``), the one definition every fastgrad clipper uses.
+    NaN ``total_norm`` gives NaN (so the gradients become NaN, as in torch).
+    """
+    total = total_norm.detach().to(torch.float64)
+    if isinstance(max_norm, torch.Tensor):
+        max_norm = max_norm.detach().to(total.device, torch.float64)
+    return torch.clamp(max_norm / (total + EPS), max=1.0)
+
+
+def parse_clip_norm_type(norm_type) -> float:
+    """``norm_type`` as torch's clipping functions accept it: any number or ``'inf'`` / ``'-inf'``
+    (``0`` counts non-zeros, ``p < 0`` is ``(sum |x|^p)^(1/p)``, ``-inf`` is ``min |x|``); NaN raises."""
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise TypeError(f"norm_type must be a number or 'inf', got {norm_type!r}") from None
+    if math.isnan(p):
+        raise ValueError("norm_type must be a number, got nan")
+    return p
+
+
+def _check_threshold(value, what: str):
+    """``value`` as a float (torch calls ``float()`` on it: numbers and numeric strings) or a
+    one-element tensor; raises for negative or NaN values before anything is touched."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{what} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
         if value.device.type != "cpu":
-            return  # checking would synchronise; the caller's device tensor is trusted
-        value = value.item()
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what} must be a number or a tensor, got {type(value).__name__}") from None
+            return value  # checking would synchronise; the caller's device tensor is trusted
+        v = value.item()
+    else:
+        try:
+            v = value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{what} must be a number or a tensor, got {type(value).__name__}") from None
     if math.isnan(v) or v < 0:
         raise ValueError(f"{what} must be a non-negative number, got {value!r}")
+    return value
 
 
 class _PositionNames(Sequence):
@@ -81,14 +114,15 @@ def _grads_of_params(parameters) -> tuple[Sequence[str], list[torch.Tensor]]:
     return _PositionNames(range(len(grads))), grads
 
 
-def _nonfinite_error(names, grads, raw, p: float) -> RuntimeError:
-    stats = build_stats(names, grads, StatsSpec((p,), None), raw, None)
-    bad = stats.to_dict()
-    worst = [
-        f"{n} ({r['nan']} NaN, {r['posinf']} +Inf, {r['neginf']} -Inf)"
-        for n, r in bad.items()
-        if r["nan"] or r["posinf"] or r["neginf"]
-    ]
+def _nonfinite_error(names, raw: RawStats, p: float, total: torch.Tensor, dtype: torch.dtype) -> RuntimeError:
+    counts = raw.counts[:, :ZERO].to("cpu").tolist()  # NaN, +Inf, -Inf per gradient
+    worst = [f"{n} ({c[NAN]} NaN, {c[POSINF]} +Inf, {c[NEGINF]} -Inf)" for n, c in zip(names, counts) if any(c)]
+    if not worst:  # finite gradients, a norm beyond the range of their dtype
+        return RuntimeError(
+            f"The total norm of order {p} for gradients from `parameters` is {float(total):.6g}, beyond "
+            f"the range of {dtype}, so the returned norm would be non-finite. To disable this error, "
+            "set `error_if_nonfinite=False` (fastgrad still clips correctly, using the float64 norm)."
+        )
     return RuntimeError(
         f"The total norm of order {p} for gradients from `parameters` is non-finite, so it "
         "cannot be clipped. To disable this error and scale the gradients by the non-finite "
@@ -97,34 +131,33 @@ def _nonfinite_error(names, grads, raw, p: float) -> RuntimeError:
     )
 
 
+def _torch_total_norm(grads: Sequence[torch.Tensor], p: float) -> torch.Tensor:
+    """float64 0-d total norm for ``p <= 0`` with torch's values: ``torch.linalg.vector_norm`` of
+    each gradient (in float64), then of those norms (``p = 0``: the number of tensors holding a
+    non-zero). Rare p, a plain torch path; sharded gradients are not supported here."""
+    norms = [torch.linalg.vector_norm(g.detach().to(torch.float64), p) for g in distributed.local_tensors(grads)]
+    device = grads[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), p)
+
+
 def _total_norm(
     names, grads, p: float, error_if_nonfinite: bool, backend, process_group=None, placements=None
 ) -> tuple[torch.Tensor, torch.dtype]:
     """float64 0-d global p-norm on the first gradient's device (one fused pass; all-reduce if
     sharded) and the gradients' promoted dtype. Checks the gradients (raising for bad ones)."""
-    spec = StatsSpec((p,), None)
-    fast = plain_stats_op(grads, spec, backend) if process_group is None and placements is None else None
-    if fast is not None:  # plain CPU gradients: metadata read once, in C++
-        raw, numel, total_raw, dtypes = fast
-        total = row_norms(spec, total_raw, p)[0]
-        dtype = functools.reduce(torch.promote_types, dtypes)
-    else:
+    if p > 0:
+        total, dtypes, raw = compute_total_norm(names, grads, p, backend, process_group, placements)
+    else:  # torch accepts p <= 0 (not norms); computed its way
+        if process_group is not None or placements is not None:
+            raise ValueError(f"norm_type {p} is not supported with process_group= / placements=; use p > 0")
         check_grads(names, grads)
-        dtype = promoted_dtype(grads)
-        plan = distributed.plan(names, grads, process_group, placements)
-        full = full_stats_op(grads, spec, backend) if plan is None else None
-        if full is not None:
-            raw, _, total_raw = full
-        else:
-            if plan is not None:
-                grads = plan.local
-            raw, total_raw = grad_stats_op(grads, spec, backend), None
-        if plan is not None and plan.communicate:
-            total = distributed.reduce_total_norm(raw, p, plan, [g.dtype for g in grads])
-        else:  # the backend's total row, else the rows aggregated
-            total = row_norms(spec, total_raw or aggregate.aggregate(raw, spec, aggregate.TOTAL), p)[0]
-    if error_if_nonfinite and not bool(total.isfinite()):  # the one sync torch also makes
-        raise _nonfinite_error(names, grads, raw, p)
+        total, dtypes, raw = _torch_total_norm(grads, p), {g.dtype for g in grads}, None
+    dtype = functools.reduce(torch.promote_types, dtypes)
+    # torch raises when the norm it returns is non-finite: so does fastgrad (one sync, as torch's)
+    if error_if_nonfinite and not bool(total.to(dtype).isfinite()):
+        if raw is None:
+            raw = compute_total_norm(names, grads, 1.0, backend)[2]
+        raise _nonfinite_error(names, raw, p, total, dtype)
     return total, dtype
 
 
@@ -146,8 +179,9 @@ def get_total_norm(
     ``error_if_nonfinite`` (then raises ``RuntimeError`` naming the culprits).
     ``process_group`` / ``placements``: the norm over all ranks' pieces, as in
     :func:`fastgrad.grad_stats` (one all-reduce of 2 numbers when sharded).
+    ``norm_type`` may be any number torch accepts (``p <= 0`` with torch's values, via torch ops).
     """
-    p = parse_norm_type(norm_type)
+    p = parse_clip_norm_type(norm_type)
     with torch.no_grad():
         tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
         if not tensors:
@@ -155,14 +189,6 @@ def get_total_norm(
         names = _PositionNames(range(len(tensors)))
         total, dtype = _total_norm(names, tensors, p, error_if_nonfinite, backend, process_group, placements)
         return total.to(dtype)
-
-
-def _coef(max_norm, total_norm: torch.Tensor) -> torch.Tensor:
-    """float64 0-d ``min(max_norm / (total_norm + 1e-6), 1)`` on ``total_norm``'s device."""
-    total = total_norm.detach().to(torch.float64)
-    if isinstance(max_norm, torch.Tensor):
-        max_norm = max_norm.detach().to(total.device, torch.float64)
-    return torch.clamp(max_norm / (total + EPS), max=1.0)
 
 
 def clip_grads_with_norm_(
@@ -178,13 +204,18 @@ def clip_grads_with_norm_(
     One read+write pass per gradient, none when the coefficient is 1 (decided
     on the device: no host sync).
     """
-    _check_threshold(max_norm, "max_norm")
+    max_norm = _check_threshold(max_norm, "max_norm")
+    if not isinstance(total_norm, torch.Tensor):
+        raise TypeError(
+            f"total_norm must be a tensor (as get_total_norm returns), got {type(total_norm).__name__}; "
+            "wrap a number with torch.tensor(...)"
+        )
     with torch.no_grad():
         names, grads = _grads_of_params(parameters)
         if not grads:
             return
         check_grads(names, grads)
-        scale_op_(distributed.local_tensors(grads), _coef(max_norm, total_norm), backend)
+        scale_op_(distributed.local_tensors(grads), clip_coefficient(max_norm, total_norm), backend)
 
 
 def clip_grad_norm_(
@@ -210,8 +241,8 @@ def clip_grad_norm_(
     norm of all ranks' pieces, counted once, from one all-reduce of 2 numbers
     (two when p > 6 or float64 gradients); each rank scales its own pieces.
     """
-    p = parse_norm_type(norm_type)
-    _check_threshold(max_norm, "max_norm")
+    p = parse_clip_norm_type(norm_type)
+    max_norm = _check_threshold(max_norm, "max_norm")
     with torch.no_grad():
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]
@@ -227,7 +258,7 @@ def clip_grad_norm_(
         if not grads:
             return torch.tensor(0.0)
         total, dtype = _total_norm(names, grads, p, error_if_nonfinite, backend, process_group, placements)
-        scale_op_(distributed.local_tensors(grads), _coef(max_norm, total), backend)
+        scale_op_(distributed.local_tensors(grads), clip_coefficient(max_norm, total), backend)
         return total.to(dtype)
 
 
@@ -239,8 +270,7 @@ def clip_grad_value_(
     backend: str | None = None,
 ) -> None:
     """Clamp every gradient in place to ``[-clip_value, clip_value]`` in one pass (NaN stays NaN)."""
-    _check_threshold(clip_value, "clip_value")
-    clip_value = float(clip_value)
+    clip_value = float(_check_threshold(clip_value, "clip_value"))
     with torch.no_grad():
         names, grads = _grads_of_params(parameters)
         if not grads:

@@ -1,13 +1,21 @@
-"""Turn what the user passed (a module, parameters, named parameters, gradients) into named gradients."""
+"""Collect: turn what the user passed (a module, parameters, named parameters, gradients) into
+named gradients, and say what is wrong with bad input. The first stage of every call.
+
+Which tensors are parameters: a ``torch.nn.Parameter``, or a *leaf* tensor that requires
+grad, stands for its ``.grad`` (skipped when None, as torch does). Every other tensor is
+a gradient itself — including gradients that carry a graph (``backward(create_graph=True)``,
+gradient penalties, MAML), which require grad but are not leaves.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .spec import SUPPORTED_DTYPES
 
 
 class Collected(NamedTuple):
@@ -16,10 +24,10 @@ class Collected(NamedTuple):
 
 
 def _is_param(t: torch.Tensor) -> bool:
-    # A parameter (or any tensor that takes gradients) stands for its .grad;
-    # anything else is taken to be a gradient itself, as torch's get_total_norm does.
     # (isinstance against Parameter's metaclass costs ~200 ns: test the cheap things first.)
-    return t.requires_grad or (type(t) is not torch.Tensor and isinstance(t, torch.nn.Parameter))
+    if type(t) is torch.Tensor:
+        return t.requires_grad and t.is_leaf
+    return isinstance(t, torch.nn.Parameter) or (t.requires_grad and t.is_leaf)
 
 
 _index_names: list[str] = []
@@ -56,10 +64,13 @@ def collect(obj, names: Sequence[str] | None = None) -> Collected:
     if names is None:
         names = index_names(len(items))
     if {type(t) for t in items} <= _PLAIN:  # fast path: tensors and parameters, no pairs
-        gs = [t.grad if t.requires_grad or type(t) is not torch.Tensor else t for t in items]
+        gs = [t.grad if type(t) is not torch.Tensor or (t.requires_grad and t.is_leaf) else t
+              for t in items]
         if any(g is None for g in gs):
             keep = [i for i, g in enumerate(gs) if g is not None]
+            _warn_if_empty(len(items), len(keep))
             return Collected([names[i] for i in keep], [gs[i] for i in keep])
+        _warn_if_empty(len(items), len(gs))
         return Collected(list(names), gs)
     out_names: list[str] = []
     grads: list[torch.Tensor] = []
@@ -72,7 +83,17 @@ def collect(obj, names: Sequence[str] | None = None) -> Collected:
         if g is not None:
             out_names.append(name)
             grads.append(g)
+    _warn_if_empty(len(items), len(grads))
     return Collected(out_names, grads)
+
+
+def _warn_if_empty(given: int, kept: int) -> None:
+    """Never return an empty result silently (torch warns for an empty ``parameters`` too)."""
+    if kept:
+        return
+    what = ("no tensors were given" if not given else
+            f"all {given} parameters given have .grad None (call backward() first?)")
+    warnings.warn(f"fastgrad: no gradients to read: {what}; the statistics are empty", stacklevel=3)
 
 
 def check_grads(names: Sequence[str], grads: Sequence[torch.Tensor]) -> None:
@@ -96,6 +117,19 @@ def check_grads(names: Sequence[str], grads: Sequence[torch.Tensor]) -> None:
             raise TypeError(
                 f"gradient of {name} has {what} dtype {g.dtype}; fastgrad supports "
                 f"float16, bfloat16, float32 and float64{hint}"
+            )
+
+
+def check_writable(tensors: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> None:
+    """Raise (as torch's in-place ops do) before writing to a tensor whose elements share memory,
+    e.g. an ``expand``-ed gradient: scaling it would scale one location once per alias."""
+    for i, t in enumerate(tensors):
+        if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+            name = names[i] if names is not None else f"[{i}]"
+            raise RuntimeError(
+                f"gradient {name} (shape {tuple(t.shape)}, stride {t.stride()}): more than one element "
+                "of the written-to tensor refers to a single memory location, so it cannot be scaled "
+                "or clamped in place. Please clone() the gradient (p.grad = p.grad.clone()) first."
             )
 
 

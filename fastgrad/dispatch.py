@@ -1,23 +1,22 @@
-"""The one place a backend is chosen.
+"""The one place a backend is chosen, and the one way every pass reaches a backend.
 
-Per (device, dtype) the backends are tried in priority order (``cuda``,
-``triton``, ``cpu``, ``reference``; Triton's CPU interpreter only on explicit
-request); each says why it refuses an input. An
-explicit choice (``backend=`` or ``FASTGRAD_BACKEND``) that cannot serve an
-input raises with the reason; an automatic choice falls back, warning once
-when a compiled backend the user likely expected is missing. Kernels never
-choose backends.
+Choosing (:func:`choose`): per (device, dtype) the backends are tried in
+priority order (``cuda``, ``triton``, ``cpu``, ``reference``; Triton's CPU
+interpreter only on explicit request); each says why it refuses an input
+(:meth:`why_not`). An explicit choice (``backend=`` or ``FASTGRAD_BACKEND``)
+that cannot serve an input raises with the reason; an automatic choice falls
+back, warning once when a compiled backend the user likely expected is
+missing. Kernels never choose backends.
 
-Tensors that land on the same (device, backend) go to that backend in one
-call, whatever their dtypes, so the common case is a single call.
-
-Two shortcuts keep the host's work small (thousands of gradients cost
-microseconds each otherwise): ``plain_stats`` / ``scale_`` / ``clamp_`` first
-offer the list to the backend of the first tensor's device (C++ on the CPU,
-CUDA on a GPU), which reads every tensor's metadata in one C++ pass and takes
-it only if all are plain contiguous tensors of that device; and backends that
-write the total row themselves (``stats_full``) spare the caller the torch ops
-of :mod:`fastgrad.aggregate` for ``total_norm``.
+Running (:func:`compute`, :func:`scale_`, :func:`clamp_`): the backend chosen
+for the first tensor is offered the whole list in its fast form when it has
+one (:mod:`fastgrad.backends.base`: one C++ pass reads every tensor's
+metadata and takes the list only if all are plain contiguous tensors it
+serves). Anything else — views, subclasses, several devices or backends, bad
+input — takes the general form: checked (clear errors, nothing written),
+routed per (device, backend), each backend called once with its tensors.
+Both forms return the same :class:`~fastgrad.spec.StatsResult` (rows, element
+counts, total row), bitwise equal, so every caller builds its result one way.
 """
 
 from __future__ import annotations
@@ -29,15 +28,18 @@ from collections.abc import Sequence
 
 import torch
 
-from .backends import get_backend, BACKEND_NAMES
-from .backends.cpu import DTYPES_BY_CODE as _DTYPES_BY_CODE
-from .spec import RawStats, StatsSpec
+from . import aggregate
+from .backends import BACKEND_NAMES, get_backend
+from .backends.base import empty_result, has_fast_forms
+from .collect import check_grads, check_writable, index_names
+from .spec import DTYPE_CODES, RawStats, StatsResult, StatsSpec, dtypes_of_mask
 
 ENV_VAR = "FASTGRAD_BACKEND"
 PRIORITY = ("cuda", "triton", "cpu", "reference")
 # Triton on CPU tensors means its interpreter (TRITON_INTERPRET=1): a testing
 # tool, never an automatic choice.
 AUTO_SKIP = {("cpu", "triton")}
+_CPU = torch.device("cpu")
 
 
 def requested_backend(backend: str | None) -> str | None:
@@ -53,7 +55,7 @@ def requested_backend(backend: str | None) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def choose(device: torch.device, dtype: torch.dtype, requested: str | None):
-    """The backend object for tensors of ``dtype`` on ``device``."""
+    """The backend object for tensors of ``dtype`` on ``device`` (the one priority walk)."""
     if requested is not None:
         b = get_backend(requested)
         reason = b.why_not(device, dtype)
@@ -85,63 +87,28 @@ def choose(device: torch.device, dtype: torch.dtype, requested: str | None):
     )
 
 
-def _route(tensors: Sequence[torch.Tensor], backend: str | None):
-    """``{(device, backend object): [indices] or None}`` in first-seen order (None = all tensors)."""
-    req = requested_backend(backend)
+def _fast_backend(first: torch.Tensor, requested: str | None):
+    """The backend :func:`choose` picks for the first tensor, if it has the fast forms (else None)."""
+    if first.dtype not in DTYPE_CODES:
+        return None  # the general form says what is wrong
+    b = choose(first.device, first.dtype, requested)
+    return b if has_fast_forms(b) else None
+
+
+def _route(tensors: Sequence[torch.Tensor], requested: str | None):
+    """``{(device, backend): [indices] or None}`` in first-seen order (None = all tensors)."""
     keys = [(t.device, t.dtype) for t in tensors]
     distinct = set(keys)
     if len(distinct) == 1:
         device, dtype = keys[0]
-        return {(device, choose(device, dtype, req)): None}
-    chosen = {k: choose(k[0], k[1], req) for k in distinct}
+        return {(device, choose(device, dtype, requested)): None}
+    chosen = {k: choose(k[0], k[1], requested) for k in distinct}
     routes: dict = {}
     for i, k in enumerate(keys):
         routes.setdefault((k[0], chosen[k]), []).append(i)
     if len(routes) == 1:
         return {next(iter(routes)): None}
     return routes
-
-
-_CPU = torch.device("cpu")
-
-
-def compute_full_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None):
-    """``(raw, numel, total)``: :func:`compute_stats`' rows, and, when all tensors go to one backend
-    that makes the total row itself (``stats_full``: cpu, cuda, triton), the element counts
-    ``[T + 1]`` (last: the sum) and that one-row total — saving the dozen small torch ops
-    (launches, on a GPU) of :func:`fastgrad.aggregate.aggregate`; else ``(raw, None, None)``."""
-    if not tensors:
-        return compute_stats(tensors, spec, backend), None, None
-    tensors = _with_values_in_memory(tensors)
-    routes = _route(tensors, backend)
-    if len(routes) == 1:
-        (_, b), _ = next(iter(routes.items()))
-        full = getattr(b, "stats_full", None)
-        if full is not None:
-            return full(tensors, spec)
-    return _stats_routed(tensors, spec, routes), None, None
-
-
-def plain_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None):
-    """``(raw, numel, total, dtypes)`` for the common case, in one call that reads each tensor's
-    metadata once (in C++): every tensor a plain contiguous tensor, all on the CPU going to the C++
-    backend, or all on one CUDA device going to the CUDA backend; else None.
-
-    On None nothing was computed and the caller takes the general path (which
-    also reports bad input). ``numel``: int64 ``[T + 1]``, the last entry the
-    sum; ``total``: the one-row :class:`RawStats` over all tensors; ``dtypes``:
-    the dtypes present, in code order.
-    """
-    if not tensors:
-        return None
-    if type(tensors) is not list:
-        tensors = list(tensors)
-    b = _plain_backend(tensors, backend)
-    out = None if b is None else b.stats_plain(tensors, spec)
-    if out is None:
-        return None
-    raw, numel, total, mask = out
-    return raw, numel, total, [dt for code, dt in enumerate(_DTYPES_BY_CODE) if mask >> code & 1]
 
 
 def _with_values_in_memory(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -166,62 +133,103 @@ def _pick(tensors, idx):
     return list(tensors) if idx is None else [tensors[i] for i in idx]
 
 
-def compute_stats(tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None) -> RawStats:
-    """The :class:`RawStats` of ``tensors``, rows in input order, on the first tensor's device."""
+def compute(
+    tensors: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None = None,
+    names: Sequence[str] | None = None,
+) -> tuple[StatsResult, list[torch.dtype]]:
+    """Every statistic of ``tensors`` and the dtypes present (in code order).
+
+    The :class:`StatsResult` lives on the first tensor's device, rows in input
+    order. ``names`` (default ``[i]``) only label errors: a gradient no
+    backend can read raises ``TypeError`` / ``RuntimeError`` naming it.
+    """
+    if type(tensors) is not list:
+        tensors = list(tensors)
     if not tensors:
-        return RawStats(
-            torch.zeros(0, spec.num_float_cols, dtype=torch.float64),
-            torch.zeros(0, spec.num_count_cols, dtype=torch.int64),
-        )
+        return empty_result(spec, _CPU), []
+    req = requested_backend(backend)
+    b = _fast_backend(tensors[0], req)
+    if b is not None:
+        out = b.stats_plain(tensors, spec)
+        if out is not None:
+            return out[0], dtypes_of_mask(out[1])
+    check_grads(names if names is not None else index_names(len(tensors)), tensors)
+    if tensors[0].is_meta:
+        return _meta_result(tensors, spec), sorted({t.dtype for t in tensors}, key=DTYPE_CODES.get)
     tensors = _with_values_in_memory(tensors)
-    return _stats_routed(tensors, spec, _route(tensors, backend))
-
-
-def _stats_routed(tensors: list[torch.Tensor], spec: StatsSpec, routes) -> RawStats:
+    routes = _route(tensors, req)
+    dtypes = sorted({t.dtype for t in tensors}, key=DTYPE_CODES.get)
     if len(routes) == 1:
         (_, b), _ = next(iter(routes.items()))
-        return b.stats(tensors, spec)
+        return b.stats(tensors, spec), dtypes
+    return _stats_routed(tensors, spec, routes), dtypes
+
+
+def _meta_result(tensors: list[torch.Tensor], spec: StatsSpec) -> StatsResult:
+    """Meta tensors have no values: results of the right shapes and dtypes on ``meta``, as torch ops
+    give (the fake implementation of ``fastgrad::grad_stats``)."""
+    if not all(t.is_meta for t in tensors):
+        raise RuntimeError("fastgrad: meta tensors cannot be mixed with tensors holding values in one call")
+    meta, T = torch.device("meta"), len(tensors)
+    floats = torch.empty(T + 1, spec.num_float_cols, dtype=torch.float64, device=meta)
+    counts = torch.empty(T + 1, spec.num_count_cols, dtype=torch.int64, device=meta)
+    return StatsResult(RawStats(floats[:T], counts[:T]), torch.empty(T + 1, dtype=torch.int64, device=meta),
+                       RawStats(floats[T:], counts[T:]))
+
+
+def _stats_routed(tensors: list[torch.Tensor], spec: StatsSpec, routes) -> StatsResult:
+    """Tensors split over several (device, backend) routes: each backend once, rows put back in
+    input order on the first tensor's device, the total row combined from them."""
     device = tensors[0].device
-    floats = torch.empty(len(tensors), spec.num_float_cols, dtype=torch.float64, device=device)
-    counts = torch.empty(len(tensors), spec.num_count_cols, dtype=torch.int64, device=device)
+    T = len(tensors)
+    floats = torch.empty(T, spec.num_float_cols, dtype=torch.float64, device=device)
+    counts = torch.empty(T, spec.num_count_cols, dtype=torch.int64, device=device)
+    numel = torch.empty(T + 1, dtype=torch.int64, device=device)
     for (_, b), idx in routes.items():
-        raw = b.stats([tensors[i] for i in idx], spec)
+        res = b.stats([tensors[i] for i in idx], spec)
         rows = torch.tensor(idx, device=device)
-        floats[rows] = raw.floats.to(device)
-        counts[rows] = raw.counts.to(device)
-    return RawStats(floats, counts)
-
-
-def _plain_backend(tensors, backend):
-    """The backend whose plain fast paths (``stats_plain``, ``scale_plain_``, ``clamp_plain_``) may
-    take ``tensors``, judged by the first tensor's device (the fast path checks every tensor): the
-    C++ backend for CPU tensors, the CUDA backend for CUDA tensors; None if it is not the one the
-    caller asked for or is unavailable."""
-    if not tensors:
-        return None
-    first = tensors[0]
-    kind = "cuda" if getattr(first, "is_cuda", False) else "cpu"
-    if requested_backend(backend) not in (None, kind):
-        return None
-    b = get_backend(kind)
-    return b if b.why_not(first.device if kind == "cuda" else _CPU, torch.float32) is None else None
+        floats[rows] = res.raw.floats.to(device)
+        counts[rows] = res.raw.counts.to(device)
+        numel[rows] = res.numel[:-1].to(device)
+    numel[T] = numel[:T].sum()
+    raw = RawStats(floats, counts)
+    return StatsResult(raw, numel, aggregate.aggregate(raw, spec, aggregate.TOTAL))
 
 
 def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | None = None) -> None:
-    """``x *= coef`` in place for every tensor; ``coef`` is a 0-d float tensor (never read on the host)."""
-    b = _plain_backend(tensors, backend)
-    if b is not None and b.scale_plain_(list(tensors), coef):
+    """``x *= coef`` in place for every tensor; ``coef`` is a 0-d float tensor (never read on the host).
+
+    Raises ``RuntimeError`` before writing anything if a tensor's elements share
+    memory (an ``expand``-ed gradient), as torch's in-place ops do.
+    """
+    if not tensors:
         return
+    if type(tensors) is not list:
+        tensors = list(tensors)
+    req = requested_backend(backend)
+    b = _fast_backend(tensors[0], req)
+    if b is not None and b.scale_plain_(tensors, coef):
+        return
+    check_writable(tensors)
     tensors = _writable(tensors)
-    for (device, b), idx in _route(tensors, backend).items():
+    for (device, b), idx in _route(tensors, req).items():
         b.scale_(_pick(tensors, idx), coef.to(device, torch.float64))
 
 
 def clamp_(tensors: Sequence[torch.Tensor], clip_value: float, backend: str | None = None) -> None:
-    """``x = clamp(x, -clip_value, clip_value)`` in place for every tensor, in one pass."""
-    b = _plain_backend(tensors, backend)
-    if b is not None and b.clamp_plain_(list(tensors), clip_value):
+    """``x = clamp(x, -clip_value, clip_value)`` in place for every tensor, in one pass (NaN kept).
+
+    Raises like :func:`scale_` for tensors whose elements share memory.
+    """
+    if not tensors:
         return
+    if type(tensors) is not list:
+        tensors = list(tensors)
+    req = requested_backend(backend)
+    b = _fast_backend(tensors[0], req)
+    if b is not None and b.clamp_plain_(tensors, clip_value):
+        return
+    check_writable(tensors)
     tensors = _writable(tensors)
-    for (_, b), idx in _route(tensors, backend).items():
+    for (_, b), idx in _route(tensors, req).items():
         b.clamp_(_pick(tensors, idx), clip_value)

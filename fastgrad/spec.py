@@ -102,6 +102,33 @@ class RawStats(NamedTuple):
     counts: torch.Tensor
 
 
+class StatsResult(NamedTuple):
+    """What every backend's ``stats`` returns: the per-tensor rows, the element counts and the
+    total row, all on the tensors' device.
+
+    ``raw``    :class:`RawStats` with ``T`` rows, in input order.
+    ``numel``  int64 ``[T + 1]``: each tensor's element count, then their sum (may be shared
+               between calls over the same parameter set: read it, never write it).
+    ``total``  :class:`RawStats` with one row: the statistics of all elements as one vector
+               (norms combined with :func:`fastgrad.aggregate.combine_norms`' formula).
+    """
+
+    raw: RawStats
+    numel: torch.Tensor
+    total: RawStats
+
+
+# The one dtype table: the code each kernel (C++, CUDA, Triton launchers) receives per tensor.
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPES_BY_CODE = tuple(sorted(DTYPE_CODES, key=DTYPE_CODES.get))
+SUPPORTED_DTYPES = DTYPES_BY_CODE
+
+
+def dtypes_of_mask(mask: int) -> list[torch.dtype]:
+    """The dtypes whose bit ``DTYPE_CODES[dtype]`` is set in ``mask`` (as the C++ readers report)."""
+    return [dt for code, dt in enumerate(DTYPES_BY_CODE) if mask >> code & 1]
+
+
 def parse_norm_type(norm_type: float | int | str) -> float:
     """``norm_type`` as torch accepts it (a number or ``'inf'``), checked to be a valid p > 0."""
     try:

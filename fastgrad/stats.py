@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from . import aggregate, distributed
-from .collect import check_grads, collect
-from .ops import full_stats_op, grad_stats_op, plain_stats_op
-from .spec import COUNT_NAMES, NAN, NEGINF, NUM_COUNTS, POSINF, ZERO, HistogramSpec, RawStats, StatsSpec, make_spec
+from .collect import collect
+from .ops import stats_op
+from .spec import (COUNT_NAMES, NAN, NEGINF, NUM_COUNTS, POSINF, ZERO, HistogramSpec, RawStats, StatsResult,
+                   StatsSpec, make_spec)
 
 
 @dataclass(frozen=True, eq=False)
@@ -239,33 +240,55 @@ def _segments(labels: list[str], device: torch.device) -> tuple[list[str], aggre
     return hit
 
 
-def build_stats(
-    names: Sequence[str], grads: Sequence[torch.Tensor], spec: StatsSpec, raw: RawStats,
-    labels: list[str] | None, *, numel: torch.Tensor | None = None, total: RawStats | None = None,
-) -> GradStats:
-    """Wrap backend tables into a :class:`GradStats`, adding per-group rows if ``labels``.
-
-    ``numel`` (int64 ``[T]`` on the tables' device) overrides ``g.numel()``: the
-    global counts after a cross-rank reduction. With ``total`` (the one-row
-    tables of the total, as the C++ fast path makes them) ``numel`` is
-    ``[T + 1]``, its last entry the sum.
-    """
-    if total is not None:
-        stats = build_stats(names, grads, spec, raw, labels, numel=numel[:-1])
-        object.__setattr__(stats, "_total", GradStats(("total",), spec, numel[-1:], total))
-        return stats
-    device = raw.floats.device
-    if numel is None:
-        numel = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
-        if device.type == "cuda":  # pinned: a pageable host->device copy would wait for the stream
-            numel = numel.pin_memory().to(device, non_blocking=True)
-        elif device.type != "cpu":
-            numel = numel.to(device)
+def build_stats(names: Sequence[str], spec: StatsSpec, res: StatsResult, labels: list[str] | None) -> GradStats:
+    """Wrap a :class:`StatsResult` into a :class:`GradStats`, adding per-group rows if ``labels``."""
+    T = len(names)
+    stats_numel = res.numel[:T]
     groups = None
     if labels is not None:
+        device = res.raw.floats.device
         gnames, seg = _segments(labels, device)
-        groups = GradStats(tuple(gnames), spec, seg.sum(numel), aggregate.aggregate(raw, spec, seg))
-    return GradStats(tuple(names), spec, numel, raw, groups)
+        groups = GradStats(tuple(gnames), spec, seg.sum(stats_numel), aggregate.aggregate(res.raw, spec, seg))
+    total = GradStats(("total",), spec, res.numel[T:], res.total)
+    return GradStats(tuple(names), spec, stats_numel, res.raw, groups, total)
+
+
+def compute_stats(names: Sequence[str], grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None,
+                  process_group=None, placements: distributed.PlacementsArg = None,
+                  ) -> tuple[StatsResult, list[torch.dtype]]:
+    """compute -> reduce: the :class:`StatsResult` of ``grads`` (global when sharded) and their dtypes.
+
+    The path of every entry point below collection: the backend pass on this
+    rank's tensors, then, for sharded gradients, the cross-rank reduction of
+    the rows (:mod:`fastgrad.distributed`) with the total row combined from them.
+    """
+    plan = distributed.plan(names, grads, process_group, placements)
+    if plan is None:
+        return stats_op(grads, spec, backend, names)
+    local, dtypes = stats_op(plan.local, spec, backend, names)
+    if not plan.communicate:
+        return local, dtypes
+    raw, numel = distributed.reduce_raw(local.raw, spec, plan)
+    numel = torch.cat([numel, numel.sum().reshape(1)])
+    return StatsResult(raw, numel, aggregate.aggregate(raw, spec, aggregate.TOTAL)), dtypes
+
+
+def compute_total_norm(names: Sequence[str], grads: Sequence[torch.Tensor], p: float, backend: str | None,
+                       process_group=None, placements: distributed.PlacementsArg = None,
+                       ) -> tuple[torch.Tensor, list[torch.dtype], RawStats]:
+    """compute -> reduce for the global ``p``-norm alone (the clipping path):
+    ``(float64 0-d total, dtypes present, this rank's rows)``.
+
+    Sharded gradients send only the total across ranks (2 numbers,
+    :func:`fastgrad.distributed.reduce_total_norm`): stages holding different
+    tensors can reduce together.
+    """
+    spec = StatsSpec((p,), None)
+    plan = distributed.plan(names, grads, process_group, placements)
+    local, dtypes = stats_op(grads if plan is None else plan.local, spec, backend, names)
+    if plan is not None and plan.communicate:
+        return distributed.reduce_total_norm(local.raw, p, plan, dtypes), dtypes, local.raw
+    return row_norms(spec, local.total, p)[0], dtypes, local.raw
 
 
 def grad_stats(
@@ -316,18 +339,5 @@ def grad_stats(
     if groups is None and isinstance(tensors_or_params, torch.nn.Module):
         groups = "module"
     labels = group_labels(collected.names, groups)
-    if process_group is None and placements is None:
-        fast = plain_stats_op(collected.grads, spec, backend)
-        if fast is not None:
-            raw, numel, total, _ = fast
-            return build_stats(collected.names, collected.grads, spec, raw, labels, numel=numel, total=total)
-    check_grads(collected.names, collected.grads)
-    plan = distributed.plan(collected.names, collected.grads, process_group, placements)
-    if plan is None:
-        full = full_stats_op(collected.grads, spec, backend)
-        if full is None:  # compiling: the custom op
-            full = grad_stats_op(collected.grads, spec, backend), None, None
-        raw, numel, total = full
-        return build_stats(collected.names, collected.grads, spec, raw, labels, numel=numel, total=total)
-    raw, numel = distributed.reduce_raw(grad_stats_op(plan.local, spec, backend), spec, plan)
-    return build_stats(collected.names, collected.grads, spec, raw, labels, numel=numel)
+    res, _ = compute_stats(collected.names, collected.grads, spec, backend, process_group, placements)
+    return build_stats(collected.names, spec, res, labels)

@@ -169,7 +169,7 @@ def test_bad_max_norm_changes_nothing(bad):
         assert torch.equal(p.grad, b)
 
 
-@pytest.mark.parametrize("bad", [0, -2, float("nan")])
+@pytest.mark.parametrize("bad", [float("nan")])  # p <= 0 is accepted as torch does (test_torch_semantics.py)
 def test_bad_norm_type(bad):
     ps = params_with_grads()
     with pytest.raises(ValueError, match="norm_type"):

@@ -91,8 +91,10 @@ def _plain_inputs():
 def test_plain_fast_path_equals_general_path_bitwise(with_nonfinite):
     ts = _plain_inputs() if with_nonfinite else _plain_inputs()[:-1]
     spec = fastgrad.spec.make_spec((2, 1, "inf", 3), True)
-    raw, numel, total, dtypes = dispatch.plain_stats(ts, spec)
-    general = dispatch.compute_stats(ts, spec, "cpu")
+    cpu = fastgrad.get_backend("cpu")
+    (raw, numel, total), mask = cpu.stats_plain(ts, spec)
+    dtypes = fastgrad.spec.dtypes_of_mask(mask)
+    general = cpu.stats(ts, spec).raw
     assert torch.equal(raw.floats.isnan(), general.floats.isnan())
     assert torch.equal(raw.floats.nan_to_num(), general.floats.nan_to_num())
     assert torch.equal(raw.counts, general.counts)
@@ -111,7 +113,8 @@ def test_plain_fast_path_is_what_grad_stats_takes(monkeypatch):
     def general(*a, **k):
         raise AssertionError("general path taken")
 
-    monkeypatch.setattr(dispatch, "compute_stats", general)
+    monkeypatch.setattr(dispatch, "_route", general)
+    monkeypatch.setattr(dispatch, "check_grads", general)
     st = fastgrad.grad_stats(_plain_inputs()[:3])
     assert st.numel.tolist() == [1000, 70_000, 3]
 
@@ -128,17 +131,24 @@ def test_plain_fast_path_declines_anything_else(case):
         "sparse": lambda: torch.randn(4, 4).to_sparse(),
     }[case]()
     spec = fastgrad.spec.make_spec((2,), True)
-    assert dispatch.plain_stats(ts + [odd], spec) is None
+    assert fastgrad.get_backend("cpu").stats_plain(ts + [odd], spec) is None
 
 
 @needs_cpu_kernel
 def test_plain_fast_path_respects_backend_choice(monkeypatch):
     spec = fastgrad.spec.make_spec((2,), True)
     ts = _plain_inputs()[:1]
-    assert dispatch.plain_stats(ts, spec, "reference") is None
+    taken = []
+    cpu = fastgrad.get_backend("cpu")
+    real = cpu.stats_plain
+    monkeypatch.setattr(cpu, "stats_plain", lambda *a: taken.append(1) or real(*a))
+    dispatch.compute(ts, spec, "reference")
+    assert taken == []
     monkeypatch.setenv("FASTGRAD_BACKEND", "reference")
-    assert dispatch.plain_stats(ts, spec) is None
-    assert dispatch.plain_stats(ts, spec, "cpu") is not None  # the argument wins
+    dispatch.compute(ts, spec)
+    assert taken == []
+    dispatch.compute(ts, spec, "cpu")  # the argument wins
+    assert taken == [1]
 
 
 def test_bad_input_still_gets_the_general_error_messages():
@@ -181,18 +191,15 @@ def test_plain_fast_path_in_place_declines_without_writing():
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_full_stats_total_row_equals_aggregation(backend):
-    """Backends with ``stats_full`` (cpu, cuda, triton) make the total row themselves; it equals the
-    aggregation of their rows, and element counts come with their sum."""
+    """Every backend makes the total row; it equals the aggregation of its rows, and element counts
+    come with their sum."""
     ts = _plain_inputs() + [torch.randn(8, 6).t(), torch.randn(10)[::3].to(torch.bfloat16)]  # views too
     spec = fastgrad.spec.make_spec((2, 1, 3, "inf"), True)
     b = fastgrad.get_backend(backend)
     if b.why_not(torch.device("cpu"), torch.float32) is not None:
         pytest.skip(b.why_not(torch.device("cpu"), torch.float32))
-    raw, numel, total = dispatch.compute_full_stats(ts, spec, backend)
-    if not hasattr(b, "stats_full"):  # the rows only; the caller aggregates
-        assert numel is None and total is None and torch.equal(raw.counts, b.stats(ts, spec).counts)
-        return
-    assert torch.equal(raw.counts, b.stats(ts, spec).counts)
+    (raw, numel, total), _ = dispatch.compute(ts, spec, backend)
+    assert torch.equal(raw.counts, b.stats(ts, spec).raw.counts)
     assert numel.tolist() == [t.numel() for t in ts] + [sum(t.numel() for t in ts)]
     want = fastgrad.aggregate.aggregate(raw, spec, fastgrad.aggregate.TOTAL)
     assert torch.equal(total.counts, want.counts)
@@ -209,7 +216,7 @@ def test_tensors_whose_memory_does_not_hold_their_values(kind):
     odd = torch._neg_view(x) if kind == "negated_view" else torch._efficientzerotensor(5)
     values = odd.clone()  # a plain tensor with the same values
     spec = fastgrad.spec.make_spec((2, "inf"), True)
-    assert dispatch.plain_stats([x, odd], spec) is None
+    assert fastgrad.get_backend("cpu").stats_plain([x, odd], spec) is None
     st, want = fastgrad.grad_stats([x, odd]), fastgrad.grad_stats([x, values], backend="reference")
     assert torch.equal(st.raw.counts, want.raw.counts)
     torch.testing.assert_close(st.raw.floats, want.raw.floats, rtol=1e-12, atol=0)

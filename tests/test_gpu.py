@@ -35,7 +35,7 @@ def backend(request):
 
 
 def check(backend, tensors, spec=SPEC, what=""):
-    got = backend.stats(tensors, spec)
+    got = backend.stats(tensors, spec).raw
     assert got.floats.device.type == "cuda" and got.counts.device.type == "cuda"
     assert_raw_close(got, stats_reference([t.cpu() for t in tensors], spec), what=what)
 
@@ -88,14 +88,12 @@ def test_16bit_chunks_near_float_range(backend, dtype):
 
 
 def test_total_row_made_on_the_device(backend):
-    """Backends with ``stats_full`` write the total row in their last kernel (no aggregation ops)."""
-    if not hasattr(backend, "stats_full"):
-        pytest.skip(f"{backend.name} leaves the total to fastgrad.aggregate")
+    """GPU backends write the total row in their last kernel (no aggregation ops)."""
     ts = [make_tensor(3 + i % 500, torch.float32, "wide", seed=i).cuda() for i in range(3000)]
     ts += [make_tensor(300_001, torch.bfloat16).cuda(), nasty_values(torch.float32).cuda()]
     spec = make_spec((2.0, 1.0, 3.0, "inf"), True)
     for tensors in (ts, ts[:-1]):  # with and without NaN/Inf
-        raw, numel, total = backend.stats_full(tensors, spec)
+        raw, numel, total = backend.stats(tensors, spec)
         want = fastgrad.aggregate.aggregate(raw, spec, fastgrad.aggregate.TOTAL)
         assert torch.equal(total.counts, want.counts)
         torch.testing.assert_close(total.floats, want.floats, rtol=1e-14, atol=0, equal_nan=True)
@@ -105,7 +103,7 @@ def test_total_row_made_on_the_device(backend):
 
 def test_bitwise_deterministic(backend):
     ts = [make_tensor(3_000_001, torch.float32, "wide").cuda(), make_tensor(70_000, torch.bfloat16).cuda()]
-    a, b = backend.stats(ts, SPEC), backend.stats(ts, SPEC)
+    a, b = backend.stats(ts, SPEC).raw, backend.stats(ts, SPEC).raw
     assert torch.equal(a.floats, b.floats) and torch.equal(a.counts, b.counts)
 
 

@@ -133,10 +133,12 @@ def test_norm_not_requested_is_an_error():
 
 
 def test_empty_inputs():
-    s = fastgrad.grad_stats([])
+    with pytest.warns(UserWarning, match="no tensors were given"):
+        s = fastgrad.grad_stats([])
     assert s.total_norm.item() == 0.0 and s.names == ()
     p = torch.nn.Parameter(torch.ones(3))
-    assert fastgrad.grad_stats([p]).total_norm.item() == 0.0  # grad None -> skipped
+    with pytest.warns(UserWarning, match=r"\.grad None"):
+        assert fastgrad.grad_stats([p]).total_norm.item() == 0.0  # grad None -> skipped
     z = fastgrad.grad_stats([torch.empty(0), torch.empty(0, 5)])
     assert z.tensor_norms.tolist() == [0.0, 0.0] and z.max_abs.tolist() == [0.0, 0.0]
 

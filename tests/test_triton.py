@@ -112,7 +112,7 @@ def check_stats(tensors, norm_types=(2, 1, 3, "inf"), histogram=True, via="api",
     if via == "api":
         got = fastgrad.grad_stats(tensors, norm_types=norm_types, histogram=histogram, backend="triton").raw
     elif via == "backend":
-        got = BACKEND.stats(tensors, spec)
+        got = BACKEND.stats(tensors, spec).raw
     else:
         got = K.grad_stats(tensors, spec, **kw)
     assert_floats_close(got.floats, want.floats, "floats (norms..., max|x|)")
@@ -213,13 +213,13 @@ def test_stats_several_tensors_mixed_dtypes():
 
 @pytest.mark.parametrize("with_nonfinite", [False, True])
 def test_total_row_from_the_last_kernel(with_nonfinite):
-    """``stats_full``: the total row equals the aggregation of the rows (and the reference)."""
+    """``stats``: the total row equals the aggregation of the rows (and the reference)."""
     ts = [nasty(n, dt, seed=i) for i, (n, dt) in enumerate(
         [(100, torch.float32), (0, torch.float16), (4097, torch.bfloat16), (31, torch.float64), (300, torch.float16)])]
     if not with_nonfinite:
         ts = [t.nan_to_num(0.0, 0.0, 0.0) for t in ts]
     spec = make_spec((2, 1, 3, 0.5, "inf"), True)
-    raw, numel, total = BACKEND.stats_full(ts, spec)
+    raw, numel, total = BACKEND.stats(ts, spec)
     want = fastgrad.aggregate.aggregate(raw, spec, fastgrad.aggregate.TOTAL)
     assert torch.equal(total.counts, want.counts)
     torch.testing.assert_close(total.floats, want.floats, rtol=1e-12, atol=0, equal_nan=True)
@@ -231,7 +231,7 @@ def test_stats_empty_list():
     got = fastgrad.grad_stats([], backend="triton").raw
     assert got.floats.shape == (0, 2) and got.counts.shape[0] == 0
     spec = make_spec((2, 1), True)
-    raw = BACKEND.stats([], spec)
+    raw = BACKEND.stats([], spec).raw
     assert raw.floats.shape == (0, 3) and raw.counts.shape == (0, spec.num_count_cols)
 
 
@@ -263,7 +263,7 @@ def test_stats_exponent_edges():
 def test_stats_deterministic_and_planned_once(monkeypatch):
     ts = [nasty(5000, torch.float32, seed=2), nasty(300, torch.bfloat16, seed=3), torch.randn(10, dtype=torch.float64)]
     spec = make_spec((2, 1), True)
-    first = BACKEND.stats(ts, spec)
+    first = BACKEND.stats(ts, spec).raw
     plans = len(K._PLANS)
 
     launches = []
@@ -278,7 +278,7 @@ def test_stats_deterministic_and_planned_once(monkeypatch):
 
     monkeypatch.setattr(K, "_stats_chunk_kernel", Count(K._stats_chunk_kernel))
     monkeypatch.setattr(K, "_stats_reduce_kernel", Count(K._stats_reduce_kernel))
-    again = BACKEND.stats(ts, spec)
+    again = BACKEND.stats(ts, spec).raw
     assert len(K._PLANS) == plans, "a second call with the same shapes built a new plan"
     assert len(launches) == 3 + 1, f"expected one launch per dtype plus one, got {launches}"
     assert_bits_equal(again.floats, first.floats, "floats of two identical calls")
@@ -473,12 +473,12 @@ def test_cuda_compiled_kernels():
         ts[0][1] = math.nan
         ts += [torch.randn(64, 48, device=dev).t(), torch.randn(64, 48, device=dev)[:, ::2]]
         spec = make_spec((2, 1, 3, "inf"), True)
-        got, want = b.stats(ts, spec), stats_reference(ts, spec)
+        got, want = b.stats(ts, spec).raw, stats_reference(ts, spec)
         ok = (got.floats - want.floats).abs() <= 1e-6 * want.floats.abs()
         ok |= (got.floats == want.floats) | (got.floats.isnan() & want.floats.isnan())
         assert ok.all(), (got.floats, want.floats)
         assert torch.equal(got.counts, want.counts)
-        again = b.stats(ts, spec)
+        again = b.stats(ts, spec).raw
         assert torch.equal(again.floats.nan_to_num(), got.floats.nan_to_num())
         x = torch.randn(5000, device=dev, dtype=torch.bfloat16)
         y = x.clone()

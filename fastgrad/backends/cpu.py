@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import RawStats, StatsSpec
+from ..spec import DTYPE_CODES, DTYPES_BY_CODE, RawStats, StatsResult, StatsSpec
 from ._layout import coalesced, dense_in_some_order
+from .base import empty_result
 
 try:
     from .. import _C
@@ -21,9 +22,6 @@ try:
 except ImportError as e:  # compiler missing at install time, or a broken build
     _C = None
     LOAD_ERROR = f"the C++ extension fastgrad._C is not available ({e}); reinstall with a C++ compiler"
-
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-DTYPES_BY_CODE = tuple(sorted(DTYPE_CODES, key=DTYPE_CODES.get))
 
 
 def describe(tensors) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
@@ -58,40 +56,33 @@ class CpuBackend:
             return f"dtype {dtype} is not supported"
         return None
 
-    def _stats(self, tensors, spec: StatsSpec, with_total: bool):
+    def stats(self, tensors, spec: StatsSpec) -> StatsResult:
+        """Rows, element counts and the total row (combined in C++ in chunk order)."""
         T = len(tensors)
-        rows = T + 1 if with_total else T
-        floats = torch.empty(rows, spec.num_float_cols, dtype=torch.float64)
-        counts = torch.empty(rows, spec.num_count_cols, dtype=torch.int64)
+        if T == 0:
+            return empty_result(spec, torch.device("cpu"))
+        floats = torch.empty(T + 1, spec.num_float_cols, dtype=torch.float64)
+        counts = torch.empty(T + 1, spec.num_count_cols, dtype=torch.int64)
         desc = describe(tensors)
         h = spec.histogram
         _C.grad_stats(
             *desc, list(spec.finite_norms), h is not None, h.min_exp if h else 0, h.max_exp if h else 1,
-            floats.data_ptr(), counts.data_ptr(), torch.get_num_threads(), with_total,
+            floats.data_ptr(), counts.data_ptr(), torch.get_num_threads(), True,
         )
-        return floats, counts, desc[2]
-
-    def stats(self, tensors, spec: StatsSpec) -> RawStats:
-        floats, counts, _ = self._stats(tensors, spec, False)
-        return RawStats(floats, counts)
-
-    def stats_full(self, tensors, spec: StatsSpec) -> tuple[RawStats, torch.Tensor, RawStats]:
-        """``(raw [T], numel [T + 1], total)``: the rows, element counts with their sum, the total row."""
-        floats, counts, numels = self._stats(tensors, spec, True)
-        T = len(tensors)
+        numels = desc[2]
         numel = torch.tensor([*numels, sum(numels)], dtype=torch.int64)
-        return RawStats(floats[:T], counts[:T]), numel, RawStats(floats[T:], counts[T:])
+        return StatsResult(RawStats(floats[:T], counts[:T]), numel, RawStats(floats[T:], counts[T:]))
 
-    def stats_plain(self, tensors: list, spec: StatsSpec) -> tuple[RawStats, torch.Tensor, RawStats, int] | None:
-        """:meth:`stats` plus element counts and the total row, for plain contiguous CPU tensors, or None.
+    def stats_plain(self, tensors: list, spec: StatsSpec) -> tuple[StatsResult, int] | None:
+        """:meth:`stats` for plain contiguous CPU tensors, with the dtype mask; or None.
 
         The C++ side reads each tensor's metadata once, straight from its
         Python object (about 1 us per tensor less than :func:`describe` and the
         dispatcher's own passes), and combines the total row itself (as
         :func:`fastgrad.aggregate.aggregate`; a dozen small torch ops less).
-        Returns ``(raw, numel [T + 1], total, dtype_mask)`` (``numel[T]``: all
-        elements; bit ``DTYPE_CODES[dtype]`` of the mask set for each dtype
-        present) or None, having computed nothing, when some tensor is anything else.
+        Returns ``(StatsResult, dtype_mask)`` (bit ``DTYPE_CODES[dtype]`` of the
+        mask set for each dtype present) or None, having computed nothing, when
+        some tensor is anything else.
         """
         T = len(tensors)
         floats = torch.empty(T + 1, spec.num_float_cols, dtype=torch.float64)
@@ -105,7 +96,7 @@ class CpuBackend:
         )
         if not mask:
             return None
-        return RawStats(floats[:T], counts[:T]), numel, RawStats(floats[T:], counts[T:]), mask
+        return StatsResult(RawStats(floats[:T], counts[:T]), numel, RawStats(floats[T:], counts[T:])), mask
 
     def scale_plain_(self, tensors: list, coef: torch.Tensor) -> bool:
         """:meth:`scale_` for a list of plain contiguous CPU tensors; False (nothing written) otherwise."""

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import RawStats, StatsSpec
+from ..spec import DTYPE_CODES, DTYPES_BY_CODE, RawStats, StatsResult, StatsSpec
 from ._layout import dense_in_some_order
-from .cpu import _C, DTYPES_BY_CODE  # _C reads plain tensors' metadata (see stats_full_plain)
+from .base import empty_result
+from .cpu import _C  # _C reads plain tensors' metadata (see stats_plain)
 
 try:
     from .. import _cuda
@@ -32,7 +33,6 @@ except ImportError as e:
         "(FASTGRAD_FORCE_CUDA=1 to build without a visible GPU)"
     )
 
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 MAX_NORMS = 8
 
 
@@ -152,14 +152,16 @@ class CudaBackend:
             return f"dtype {dtype} is not supported"
         return None
 
-    def stats_full(self, tensors, spec: StatsSpec) -> tuple[RawStats, torch.Tensor, RawStats]:
-        """``(raw [T], numel [T + 1], total)``: the rows, element counts with their sum, the total row."""
+    def stats(self, tensors, spec: StatsSpec) -> StatsResult:
+        """Rows, element counts with their sum, and the total row (written by the combine kernel)."""
+        if not tensors:
+            return empty_result(spec, torch.device("cpu"))
         device = tensors[0].device
         tensors = _readable(tensors)
         return self._launch_stats(device, _plan(device, tensors), _pointers(device, tensors), spec)
 
     def stats_plain(self, tensors: list, spec: StatsSpec):
-        """:meth:`stats_full` plus the dtype mask for plain contiguous tensors on one CUDA device, or None.
+        """``(StatsResult, dtype_mask)`` as :meth:`stats` for plain contiguous tensors on one CUDA device, or None.
 
         One C++ pass (``fastgrad._C.describe_plain``) reads every tensor's
         pointer, size and dtype into a pinned buffer; the plan is found by a
@@ -170,7 +172,7 @@ class CudaBackend:
         if read is None:
             return None
         device, plan, ptrs, mask = read
-        return (*self._launch_stats(device, plan, ptrs, spec), mask)
+        return self._launch_stats(device, plan, ptrs, spec), mask
 
     def scale_plain_(self, tensors: list, coef: torch.Tensor) -> bool:
         """:meth:`scale_` for plain contiguous tensors on one CUDA device; False (nothing written) otherwise."""
@@ -214,10 +216,7 @@ class CudaBackend:
                 ps, h is not None, h.min_exp if h else 0, h.max_exp if h else 1,
                 partials.data_ptr(), floats.data_ptr(), count_buf.data_ptr(), _stream(device),
             )
-        return RawStats(floats[:T], counts[:T]), plan.numels_and_total, RawStats(floats[T:], counts[T:])
-
-    def stats(self, tensors, spec: StatsSpec) -> RawStats:
-        return self.stats_full(tensors, spec)[0]
+        return StatsResult(RawStats(floats[:T], counts[:T]), plan.numels_and_total, RawStats(floats[T:], counts[T:]))
 
     def _split(self, tensors):
         flat = [t for t in tensors if t.is_contiguous() or dense_in_some_order(t)]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from .. import reference
+import torch
+
+from .. import aggregate, reference
+from ..spec import StatsResult, StatsSpec
+from .base import empty_result
 
 
 class ReferenceBackend:
@@ -11,7 +15,17 @@ class ReferenceBackend:
     def why_not(self, device, dtype):
         return None
 
-    stats = staticmethod(reference.stats_reference)
+    def stats(self, tensors, spec: StatsSpec) -> StatsResult:
+        """Rows from :func:`fastgrad.reference.stats_reference`; the total row combines them with
+        the same float64 formula the kernels implement (:func:`fastgrad.aggregate.aggregate`)."""
+        if not tensors:
+            return empty_result(spec, torch.device("cpu"))
+        raw = reference.stats_reference(tensors, spec)
+        device = raw.floats.device
+        n = [t.numel() for t in tensors]
+        numel = torch.tensor([*n, sum(n)], dtype=torch.int64).to(device)
+        return StatsResult(raw, numel, aggregate.aggregate(raw, spec, aggregate.TOTAL))
+
     scale_ = staticmethod(reference.scale_reference_)
     clamp_ = staticmethod(reference.clamp_reference_)
 

@@ -17,6 +17,9 @@ import os
 
 import torch
 
+from ..spec import StatsResult
+from .base import empty_result
+
 SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 _kernels = None
@@ -70,12 +73,11 @@ class TritonBackend:
             return "no CUDA device is visible"
         return None
 
-    def stats(self, tensors, spec):
-        return _load().grad_stats(list(tensors), spec)
-
-    def stats_full(self, tensors, spec):
-        """``(raw [T], numel [T + 1], total)``, the total row made by the last kernel."""
-        return _load().grad_stats_full(list(tensors), spec)
+    def stats(self, tensors, spec) -> StatsResult:
+        """Rows, element counts and the total row (made by the last kernel)."""
+        if not tensors:
+            return empty_result(spec, torch.device("cpu"))
+        return StatsResult(*_load().grad_stats_full(list(tensors), spec))
 
     def scale_(self, tensors, coef: torch.Tensor) -> None:
         _load().scale_(list(tensors), coef)
