@@ -1,4 +1,9 @@
-"""The ``fastgrad`` command line: ``fastgrad demo``, ``fastgrad report RUN_DIR``, ``fastgrad backends``."""
+"""The ``fastgrad`` command line: ``fastgrad demo``, ``fastgrad report RUN_DIR``, ``fastgrad backends``.
+
+Exit codes: 0 done; 2 bad input said in one line on stderr (a non-empty ``demo --out``
+without ``--force``; a missing, unreadable or malformed run for ``report``, with file and
+line; matplotlib missing). ``report`` skips a run's cut-off last line with a warning.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ import time
 
 
 # -- demo -------------------------------------------------------------------------------
+DEMO_DIR = "fastgrad_demo"  # without --out, each demo writes a new DEMO_DIR/<date-time>
+
+
 def _sigmoid_mlp(depth: int, width: int):
     import torch
 
@@ -129,8 +137,9 @@ def _demo(args: argparse.Namespace) -> int:
         tqdm = None
     t0 = time.perf_counter()
     steps = args.steps or (30 if args.quick else 150)
-    out = args.out
-    os.makedirs(out, exist_ok=True)
+    out = _demo_out(args.out, args.force)
+    if out is None:
+        return 2
     # Tiny matrices: one thread is fastest and does not fight other processes for cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -201,6 +210,42 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_out(out: str | None, force: bool) -> str | None:
+    """The demo's output directory, or None after saying why not (never an earlier run's, unless forced).
+
+    No ``--out``: a new ``fastgrad_demo/<date-time>`` each time (``-2``... if taken), so
+    repeated ``fastgrad demo`` runs sit side by side. ``--out DIR``: DIR must be new or
+    empty; a non-empty DIR is refused (nothing written) unless ``--force``, which writes
+    the demo's files over those of an earlier demo and leaves other files alone.
+    """
+    from .loggers.files import fresh_dir
+
+    if out is None:
+        try:
+            return fresh_dir(os.path.join(DEMO_DIR, time.strftime("%Y%m%d-%H%M%S")))
+        except OSError as e:
+            print(f"fastgrad demo: {e}", file=sys.stderr)
+            return None
+    if os.path.exists(out) and not os.path.isdir(out):
+        print(f"fastgrad demo: --out {out} is a file, not a directory; nothing was written. "
+              "Give a new or empty directory.", file=sys.stderr)
+        return None
+    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if held and not force:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        print(f"fastgrad demo: --out {out} is not empty (it holds {shown}); nothing was written, so an "
+              f"earlier run is not overwritten. Use a new directory (e.g. `fastgrad demo --out "
+              f"{out.rstrip(os.sep)}-2`), leave out --out for a fresh {DEMO_DIR}/<date-time>, or add --force "
+              "to write over the demo's files in it.", file=sys.stderr)
+        return None
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        print(f"fastgrad demo: cannot create --out {out}: {e}", file=sys.stderr)
+        return None
+    return out
+
+
 def _first_findings(monitor, n: int) -> str:
     fs = monitor.findings
     if not fs:
@@ -230,12 +275,24 @@ class _NoBar:
 
 # -- report -----------------------------------------------------------------------------
 def _report(args: argparse.Namespace) -> int:
+    import warnings
+
     from .report import make_report
 
-    try:
-        paths = make_report(args.run_dir, out_dir=args.out, title=args.title)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"fastgrad report: {e}", file=sys.stderr)
+    # A damaged run is the usual case here (a crash cut the last line): say what was
+    # skipped or wrong in one line each, never with a traceback.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            paths = make_report(args.run_dir, out_dir=args.out, title=args.title)
+        except (OSError, ValueError, ImportError) as e:
+            paths = None
+            error = e
+    for w in caught:
+        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
+            print(f"fastgrad report: warning: {w.message}", file=sys.stderr)
+    if paths is None:
+        print(f"fastgrad report: {error}", file=sys.stderr)
         return 2
     for key in ("heatmap", "global_norm", "histogram", "html"):
         print(f"{key:12s} {paths[key]}")
@@ -257,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="train vanishing and exploding networks on the CPU, unprotected then with "
                                     "fastgrad, and write reports (under a minute)")
-    p.add_argument("--out", default="fastgrad_demo", help="directory for the runs and reports (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help=f"directory for the runs and reports; must be new or empty unless --force "
+                        f"(default: a new {DEMO_DIR}/<date-time> each run)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out, over the files of an earlier demo run")
     p.add_argument("--quick", action="store_true", help="30 steps per run instead of 150 (for tests)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (overrides --quick)")
     p.add_argument("--seed", type=int, default=0)
