@@ -18,6 +18,12 @@ Two ways to drive it:
 * through the optimizer wrapper: ``fastgrad.wrap(opt, max_norm=1.0, monitor=m)``
   calls :meth:`GradMonitor.stats_request` before its one ``grad_stats`` call
   and :meth:`GradMonitor.record` after it, so no second pass is made.
+
+Where each part lives: the settings are checked in :mod:`fastgrad.monitor_options`,
+the device-side buffer is :mod:`fastgrad.monitor_buffer`, the loggers are built,
+opened and isolated from each other's failures in :mod:`fastgrad.loggers.group`,
+and the records they share with the detectors are in :mod:`fastgrad.records`.
+This module ties them together and keeps the per-layer health for :meth:`GradMonitor.summary`.
 """
 
 from __future__ import annotations

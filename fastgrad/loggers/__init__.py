@@ -3,6 +3,10 @@
 The JSONL and CSV loggers need nothing beyond the standard library; the
 TensorBoard and W&B loggers import their libraries only when constructed, so
 ``import fastgrad`` works without them.
+
+File loggers lock the file they write (one writer per file, :mod:`.files`);
+a monitor opens its loggers at construction and survives a logger that fails
+later (:mod:`.group`).
 """
 
 from .base import Logger, RunInfo, StepRecord

@@ -142,25 +142,25 @@ def read_run(path: str | os.PathLike) -> Run:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no fastgrad run at {path!r} (expected a {FILENAME} written by GradMonitor)")
     run: Run | None = None
+    cut = None  # (line number, length, error) of an undecodable line: fine only if nothing follows it
     with open(path, encoding="utf-8", errors="replace") as fh:
-        lines = fh.read().split("\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        line = line.strip()
-        if not line:
-            continue
-        lineno = i + 1
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == last:
-                warnings.warn(f"{path}:{lineno}: the last line is incomplete ({len(line)} characters, not "
-                              f"complete JSON: {e.msg}), as a crash or a full disk mid-write leaves it; "
-                              "skipped, the steps before it are read", RuntimeWarning, stacklevel=2)
-                break
-            raise ValueError(f"{path}:{lineno}: not JSON ({e}); the file is corrupted (two writers at "
-                             "once? a damaged copy?)") from None
-        run = _read_line(obj, run, path, lineno)
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if cut is not None:
+                raise ValueError(f"{path}:{cut[0]}: not JSON ({cut[2]}); the file is corrupted (two writers at "
+                                 "once? a damaged copy?)")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                cut = (lineno, len(line), e)
+                continue
+            run = _read_line(obj, run, path, lineno)
+    if cut is not None:
+        warnings.warn(f"{path}:{cut[0]}: the last line is incomplete ({cut[1]} characters, not complete JSON: "
+                      f"{cut[2].msg}), as a crash or a full disk mid-write leaves it; skipped, the lines before "
+                      "it are read", RuntimeWarning, stacklevel=2)
     if run is None:
         raise ValueError(f"{path}: empty, no 'meta' header")
     return run
