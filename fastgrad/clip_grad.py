@@ -34,23 +34,31 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from . import distributed
+from . import dispatch, distributed
 from .collect import check_grads
 from .ops import clamp_op_, scale_op_
-from .spec import NAN, NEGINF, POSINF, ZERO, RawStats
+from .spec import NAN, NEGINF, POSINF, ZERO, StatsSpec
 from .stats import compute_total_norm
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 EPS = 1e-6  # torch's: coef = max_norm / (total_norm + 1e-6)
 
 
-def clip_coefficient(max_norm, total_norm: torch.Tensor) -> torch.Tensor:
+def clip_coefficient(max_norm, total_norm: torch.Tensor | float) -> torch.Tensor | float:
     """float64 0-d ``min(max_norm / (total_norm + 1e-6), 1)`` on ``total_norm``'s device.
 
     torch's rule (``clip_grads_with_norm_``), the one definition every fastgrad clipper uses.
-    NaN ``total_norm`` gives NaN (so the gradients become NaN, as in torch).
+    NaN ``total_norm`` gives NaN (so the gradients become NaN, as in torch). With a Python float
+    ``total_norm`` (host memory) and ``max_norm`` it is a Python float, bitwise the same value.
     """
-    total = total_norm.detach().to(torch.float64)
+    if isinstance(total_norm, float) and not isinstance(max_norm, torch.Tensor):
+        c = max_norm / (total_norm + EPS)
+        return 1.0 if c > 1.0 else c  # NaN passes through, as torch.clamp
+    if isinstance(total_norm, float):
+        total_norm = torch.tensor(total_norm, dtype=torch.float64)
+    total = total_norm.detach()
+    if total.dtype != torch.float64:
+        total = total.to(torch.float64)
     if isinstance(max_norm, torch.Tensor):
         max_norm = max_norm.detach().to(total.device, torch.float64)
     return torch.clamp(max_norm / (total + EPS), max=1.0)
@@ -114,7 +122,8 @@ def _grads_of_params(parameters) -> tuple[Sequence[str], list[torch.Tensor]]:
     return _PositionNames(range(len(grads))), grads
 
 
-def _nonfinite_error(names, raw: RawStats, p: float, total: torch.Tensor, dtype: torch.dtype) -> RuntimeError:
+def _nonfinite_error(names, grads, p: float, total, dtype: torch.dtype, backend) -> RuntimeError:
+    raw = dispatch.compute(distributed.local_tensors(grads), StatsSpec((1.0,), None), backend, names)[0].raw
     counts = raw.counts[:, :ZERO].to("cpu").tolist()  # NaN, +Inf, -Inf per gradient
     worst = [f"{n} ({c[NAN]} NaN, {c[POSINF]} +Inf, {c[NEGINF]} -Inf)" for n, c in zip(names, counts) if any(c)]
     if not worst:  # finite gradients, a norm beyond the range of their dtype
@@ -142,23 +151,23 @@ def _torch_total_norm(grads: Sequence[torch.Tensor], p: float) -> torch.Tensor:
 
 def _total_norm(
     names, grads, p: float, error_if_nonfinite: bool, backend, process_group=None, placements=None
-) -> tuple[torch.Tensor, torch.dtype]:
-    """float64 0-d global p-norm on the first gradient's device (one fused pass; all-reduce if
-    sharded) and the gradients' promoted dtype. Checks the gradients (raising for bad ones)."""
+) -> tuple[torch.Tensor | float, torch.Tensor]:
+    """``(total, returned)``: the float64 global p-norm (one fused pass; all-reduce if sharded; a
+    0-d tensor on the first gradient's device, or a Python float for host memory) and the norm as
+    torch returns it, rounded to the gradients' promoted dtype. Checks the gradients."""
     if p > 0:
-        total, dtypes, raw = compute_total_norm(names, grads, p, backend, process_group, placements)
+        total, dtypes = compute_total_norm(names, grads, p, backend, process_group, placements)
     else:  # torch accepts p <= 0 (not norms); computed its way
         if process_group is not None or placements is not None:
             raise ValueError(f"norm_type {p} is not supported with process_group= / placements=; use p > 0")
         check_grads(names, grads)
-        total, dtypes, raw = _torch_total_norm(grads, p), {g.dtype for g in grads}, None
-    dtype = functools.reduce(torch.promote_types, dtypes)
+        total, dtypes = _torch_total_norm(grads, p), list({g.dtype for g in grads})
+    dtype = dtypes[0] if len(dtypes) == 1 else functools.reduce(torch.promote_types, dtypes)
+    returned = torch.tensor(total, dtype=dtype) if isinstance(total, float) else total.to(dtype)
     # torch raises when the norm it returns is non-finite: so does fastgrad (one sync, as torch's)
-    if error_if_nonfinite and not bool(total.to(dtype).isfinite()):
-        if raw is None:
-            raw = compute_total_norm(names, grads, 1.0, backend)[2]
-        raise _nonfinite_error(names, raw, p, total, dtype)
-    return total, dtype
+    if error_if_nonfinite and not bool(returned.isfinite()):
+        raise _nonfinite_error(names, grads, p, total, dtype, backend)
+    return total, returned
 
 
 def get_total_norm(
@@ -187,8 +196,7 @@ def get_total_norm(
         if not tensors:
             return torch.tensor(0.0)
         names = _PositionNames(range(len(tensors)))
-        total, dtype = _total_norm(names, tensors, p, error_if_nonfinite, backend, process_group, placements)
-        return total.to(dtype)
+        return _total_norm(names, tensors, p, error_if_nonfinite, backend, process_group, placements)[1]
 
 
 def clip_grads_with_norm_(
@@ -257,9 +265,9 @@ def clip_grad_norm_(
         names, grads = _grads_of_params(parameters)
         if not grads:
             return torch.tensor(0.0)
-        total, dtype = _total_norm(names, grads, p, error_if_nonfinite, backend, process_group, placements)
+        total, returned = _total_norm(names, grads, p, error_if_nonfinite, backend, process_group, placements)
         scale_op_(distributed.local_tensors(grads), clip_coefficient(max_norm, total), backend)
-        return total.to(dtype)
+        return returned
 
 
 def clip_grad_value_(

@@ -165,6 +165,33 @@ def compute(
     return _stats_routed(tensors, spec, routes), dtypes
 
 
+def total_norm(
+    tensors: Sequence[torch.Tensor], p: float, backend: str | None = None, names: Sequence[str] | None = None,
+) -> tuple[float | torch.Tensor, list[torch.dtype]]:
+    """The global ``p``-norm of ``tensors`` (``p > 0`` or inf) and the dtypes present: a float64 0-d
+    tensor on the first tensor's device, or a Python float from a backend whose fast form reads host
+    memory (the CPU: no synchronisation involved). The clipping path: only the total is kept."""
+    if type(tensors) is not list:
+        tensors = list(tensors)
+    if tensors:
+        b = _fast_backend(tensors[0], requested_backend(backend))
+        fast = getattr(b, "total_norm_plain", None)
+        if fast is not None:
+            out = fast(tensors, p)
+            if out is not None:
+                return out[0], dtypes_of_mask(out[1])
+    spec = StatsSpec((p,), None)
+    res, dtypes = compute(tensors, spec, backend, names)
+    return total_of(res, p), dtypes
+
+
+def total_of(res: StatsResult, p: float) -> torch.Tensor:
+    """float64 0-d ``p``-norm from a total row (inf: max|x|, NaN if any NaN, as torch's inf-norm)."""
+    if p == float("inf"):
+        return torch.where(res.total.counts[0, 0] > 0, float("nan"), res.total.floats[0, -1])
+    return res.total.floats[0, 0]
+
+
 def _meta_result(tensors: list[torch.Tensor], spec: StatsSpec) -> StatsResult:
     """Meta tensors have no values: results of the right shapes and dtypes on ``meta``, as torch ops
     give (the fake implementation of ``fastgrad::grad_stats``)."""
@@ -197,7 +224,8 @@ def _stats_routed(tensors: list[torch.Tensor], spec: StatsSpec, routes) -> Stats
 
 
 def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | None = None) -> None:
-    """``x *= coef`` in place for every tensor; ``coef`` is a 0-d float tensor (never read on the host).
+    """``x *= coef`` in place for every tensor; ``coef`` is a 0-d float tensor (never read on the host)
+    or a Python float.
 
     Raises ``RuntimeError`` before writing anything if a tensor's elements share
     memory (an ``expand``-ed gradient), as torch's in-place ops do.
@@ -212,6 +240,8 @@ def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | N
         return
     check_writable(tensors)
     tensors = _writable(tensors)
+    if isinstance(coef, float):
+        coef = torch.tensor(coef, dtype=torch.float64)
     for (device, b), idx in _route(tensors, req).items():
         b.scale_(_pick(tensors, idx), coef.to(device, torch.float64))
 

@@ -94,8 +94,25 @@ def stats_op(
     return StatsResult(RawStats(floats[:T], counts[:T]), numel, RawStats(floats[T:], counts[T:])), dtypes
 
 
-def scale_op_(grads: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | None) -> None:
-    """``x *= coef`` in place (``coef`` a float 0-d tensor, never read on the host)."""
+def total_norm_op(
+    grads: Sequence[torch.Tensor], p: float, backend: str | None, names: Sequence[str] | None = None,
+) -> tuple[float | torch.Tensor, list[torch.dtype]]:
+    """The global ``p``-norm alone (see :func:`fastgrad.dispatch.total_norm`); compiling: from the
+    ``fastgrad::grad_stats`` op's total row."""
+    if not _compiling():
+        return dispatch.total_norm(grads, p, backend, names)
+    res, dtypes = stats_op(grads, StatsSpec((p,), None), backend, names)
+    return dispatch.total_of(res, p), dtypes
+
+
+def scale_op_(grads: Sequence[torch.Tensor], coef: torch.Tensor | float, backend: str | None) -> None:
+    """``x *= coef`` in place (``coef`` a float 0-d tensor, never read on the host, or a Python float;
+    a float 1.0 writes nothing)."""
+    if isinstance(coef, float):
+        if coef == 1.0:
+            return
+        if _compiling():
+            coef = torch.tensor(coef, dtype=torch.float64)
     if not _compiling():
         return dispatch.scale_(grads, coef, backend)
     torch.ops.fastgrad.scale_(list(grads), coef, backend or "")

@@ -10,7 +10,7 @@ import torch
 
 from . import aggregate, distributed
 from .collect import collect
-from .ops import stats_op
+from .ops import stats_op, total_norm_op
 from .spec import (COUNT_NAMES, NAN, NEGINF, NUM_COUNTS, POSINF, ZERO, HistogramSpec, RawStats, StatsResult,
                    StatsSpec, make_spec)
 
@@ -275,20 +275,23 @@ def compute_stats(names: Sequence[str], grads: Sequence[torch.Tensor], spec: Sta
 
 def compute_total_norm(names: Sequence[str], grads: Sequence[torch.Tensor], p: float, backend: str | None,
                        process_group=None, placements: distributed.PlacementsArg = None,
-                       ) -> tuple[torch.Tensor, list[torch.dtype], RawStats]:
-    """compute -> reduce for the global ``p``-norm alone (the clipping path):
-    ``(float64 0-d total, dtypes present, this rank's rows)``.
+                       ) -> tuple[float | torch.Tensor, list[torch.dtype]]:
+    """compute -> reduce for the global ``p``-norm alone (the clipping path): ``(total, dtypes
+    present)``, the total a float64 0-d tensor on the gradients' device, or a Python float where
+    the backend reads host memory (:func:`fastgrad.dispatch.total_norm`).
 
     Sharded gradients send only the total across ranks (2 numbers,
     :func:`fastgrad.distributed.reduce_total_norm`): stages holding different
     tensors can reduce together.
     """
-    spec = StatsSpec((p,), None)
     plan = distributed.plan(names, grads, process_group, placements)
-    local, dtypes = stats_op(grads if plan is None else plan.local, spec, backend, names)
-    if plan is not None and plan.communicate:
-        return distributed.reduce_total_norm(local.raw, p, plan, dtypes), dtypes, local.raw
-    return row_norms(spec, local.total, p)[0], dtypes, local.raw
+    if plan is None:
+        return total_norm_op(grads, p, backend, names)
+    spec = StatsSpec((p,), None)
+    local, dtypes = stats_op(plan.local, spec, backend, names)
+    if plan.communicate:
+        return distributed.reduce_total_norm(local.raw, p, plan, dtypes), dtypes
+    return row_norms(spec, local.total, p)[0], dtypes
 
 
 def grad_stats(

@@ -9,6 +9,10 @@ not depend on element order, so no copy is ever made.
 
 from __future__ import annotations
 
+import math
+import threading
+
+import numpy as np
 import torch
 
 from ..spec import DTYPE_CODES, DTYPES_BY_CODE, RawStats, StatsResult, StatsSpec
@@ -98,13 +102,42 @@ class CpuBackend:
             return None
         return StatsResult(RawStats(floats[:T], counts[:T]), numel, RawStats(floats[T:], counts[T:])), mask
 
-    def scale_plain_(self, tensors: list, coef: torch.Tensor) -> bool:
-        """:meth:`scale_` for a list of plain contiguous CPU tensors; False (nothing written) otherwise."""
-        if coef.device.type != "cpu":
-            return False
-        coef = coef.to(torch.float64).contiguous()
-        return _C.scale_list(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, coef.data_ptr(),
-                             torch.get_num_threads())
+    def total_norm_plain(self, tensors: list, p: float) -> tuple[float, int] | None:
+        """The global ``p``-norm (``p > 0`` or inf) of plain contiguous CPU tensors as a Python float
+        (host memory: reading it is no synchronisation), with the dtype mask; or None.
+
+        The per-tensor rows go to a per-thread scratch buffer: the clipping path
+        needs only the total, and three fresh tables would cost more host time than
+        torch's whole ``clip_grad_norm_`` at one small tensor.
+        """
+        T = len(tensors)
+        finite = not math.isinf(p)
+        floats, counts, numel = _scratch(T + 1, 2 if finite else 1, 4)
+        mask = _C.grad_stats_list(
+            tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, [p] if finite else [], False, 0, 1,
+            floats.ctypes.data, counts.ctypes.data, numel.ctypes.data, torch.get_num_threads(),
+        )
+        if not mask:
+            return None
+        ncols = 2 if finite else 1
+        if not finite and counts[T * 4]:  # the inf-norm of anything holding a NaN is NaN, as torch's
+            return math.nan, mask
+        return float(floats[T * ncols]), mask
+
+    def scale_plain_(self, tensors: list, coef: torch.Tensor | float) -> bool:
+        """:meth:`scale_` for a list of plain contiguous CPU tensors; False (nothing written) otherwise.
+        ``coef`` may also be a Python float (the CPU clipping path computes it on the host)."""
+        if isinstance(coef, float):
+            box = _coef_box()
+            box[0] = coef
+            ptr = box.ctypes.data
+        else:
+            if coef.device.type != "cpu":
+                return False
+            if coef.dtype != torch.float64:
+                coef = coef.to(torch.float64)
+            ptr = coef.data_ptr()  # 0-d: always contiguous
+        return _C.scale_list(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, ptr, torch.get_num_threads())
 
     def clamp_plain_(self, tensors: list, clip_value: float) -> bool:
         """:meth:`clamp_` for a list of plain contiguous CPU tensors; False (nothing written) otherwise."""
@@ -117,6 +150,26 @@ class CpuBackend:
 
     def clamp_(self, tensors, clip_value: float) -> None:
         _C.clamp_(*describe(tensors), -clip_value, clip_value, torch.get_num_threads())
+
+
+_local = threading.local()  # per-thread scratch: concurrent calls from threads never share it
+
+
+def _scratch(rows: int, fcols: int, ccols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-thread float64 / int64 / int64 buffers of at least ``rows * fcols``, ``rows * ccols``
+    and ``rows`` elements (grown, never shrunk): rows nobody returns to the caller."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf[2].shape[0] < rows:
+        n = max(rows, 64)
+        buf = _local.scratch = (np.empty(n * 2, np.float64), np.empty(n * 4, np.int64), np.empty(n, np.int64))
+    return buf
+
+
+def _coef_box() -> np.ndarray:
+    box = getattr(_local, "coef", None)
+    if box is None:
+        box = _local.coef = np.empty(1, np.float64)
+    return box
 
 
 BACKEND = CpuBackend()
