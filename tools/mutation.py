@@ -51,7 +51,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "optim": (["fastgrad/optim.py"], ["tests/test_optim.py", "tests/test_pinned_rules.py",
                                        "tests/test_clippers.py"]),
     "distributed": (["fastgrad/distributed.py"], ["tests/test_distributed.py", "tests/test_pinned_rules.py"]),
-    "detectors": (["fastgrad/detectors.py"], ["tests/test_pinned_rules.py", "tests/test_monitor.py"]),
+    "detectors": (["fastgrad/detectors.py"], ["tests/test_detector_rules.py", "tests/test_monitor.py"]),
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
