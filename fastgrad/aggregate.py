@@ -71,15 +71,31 @@ class _Total:
 TOTAL = _Total()
 
 
+def scaled_ratio(values: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``values / m`` where the scale ``m`` is positive and finite, else 0: the terms of the scaled
+    p-norm sum ``(values / m)^p``, which cannot overflow or underflow (every term is <= 1)."""
+    ok = (m > 0) & m.isfinite()
+    return torch.where(ok, values / torch.where(ok, m, 1.0), 0.0)
+
+
+def unscale(m: torch.Tensor, s: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """``m * s^(1/p)``: the p-norm from its scale ``m`` and the sum ``s`` of scaled terms;
+    0 where ``m == 0``, +Inf where ``m`` is infinite.
+
+    With :func:`scaled_ratio` this is the one definition of the scaled norm combination
+    ``M * (sum_i (n_i / M)^p)^(1/p)`` used by the reference (over elements), the group and
+    total rows (over tensors) and the cross-rank reduction (over ranks).
+    """
+    out = m * s ** (1.0 / p)
+    out = torch.where(m == 0, 0.0, out)
+    return torch.where(m.isinf(), float("inf"), out)
+
+
 def combine_norms(norms: torch.Tensor, p: float, seg) -> torch.Tensor:
     """float64 ``[G]`` p-norms of groups from the p-norms ``[T]`` of their disjoint members."""
     m = seg.amax(norms)  # [G]
     m_row = m[seg.index] if isinstance(seg, Segments) else m.expand_as(norms)
-    safe = torch.where((m_row > 0) & m_row.isfinite(), m_row, 1.0)
-    ratio = torch.where(m_row > 0, norms / safe, 0.0)
-    out = m * seg.sum(ratio**p) ** (1.0 / p)
-    out = torch.where(m == 0, 0.0, out)
-    return torch.where(m.isinf(), float("inf"), out)
+    return unscale(m, seg.sum(scaled_ratio(norms, m_row) ** p), p)
 
 
 def aggregate(raw: RawStats, spec: StatsSpec, seg) -> RawStats:

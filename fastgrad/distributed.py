@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .aggregate import scaled_ratio, unscale
 from .spec import NAN, NEGINF, POSINF, RawStats, StatsSpec
 
 PLACEMENTS = ("shard", "replicate", "duplicate")
@@ -247,10 +248,9 @@ def reduce_raw(raw: RawStats, spec: StatsSpec, plan: DistPlan) -> tuple[RawStats
     top = _all_reduce(f.clone(), torch.distributed.ReduceOp.MAX, plan.group)
     m = top[:, :P]
     ps = torch.tensor(spec.finite_norms, dtype=torch.float64, device=device)
-    ok = (m > 0) & m.isfinite()
-    ratio = torch.where(ok, f[:, :P] / torch.where(ok, m, 1.0), 0.0) ** ps
+    ratio = scaled_ratio(f[:, :P], m) ** ps
     packed = _all_reduce(torch.cat([ratio, c, n[:, None]], dim=1), torch.distributed.ReduceOp.SUM, plan.group)
-    norms = torch.where(m > 0, m * packed[:, :P] ** (1.0 / ps), 0.0)
+    norms = unscale(m, packed[:, :P], ps)
     gcounts = packed[:, P:P + counts.shape[1]].round().to(torch.int64)
     has_inf = (gcounts[:, POSINF] + gcounts[:, NEGINF] > 0)[:, None]
     norms = torch.where(has_inf, math.inf, norms)
@@ -287,9 +287,7 @@ def reduce_total_norm(raw: RawStats, p: float, plan: DistPlan, dtypes: Sequence[
     top = col.amax() if col.numel() else col.new_zeros(())
     head = _all_reduce(torch.stack([top, has_nan]), MAX, plan.group)
     m = head[0]
-    ok = (m > 0) & m.isfinite()
-    s = torch.where(ok, col / torch.where(ok, m, 1.0), 0.0).pow(p).sum()
+    s = scaled_ratio(col, m).pow(p).sum()
     s = _all_reduce(s.reshape(1), SUM, plan.group)[0]
-    total = torch.where(m > 0, m * s ** (1.0 / p), 0.0)
-    total = torch.where(m.isinf(), math.inf, total)
+    total = unscale(m, s, p)
     return torch.where(head[1] > 0, math.nan, total)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .aggregate import scaled_ratio, unscale
 from .spec import NEGINF, NUM_COUNTS, POSINF, ZERO, NAN, RawStats, StatsSpec
 
 
@@ -32,10 +33,7 @@ def tensor_norm_reference(x: torch.Tensor, p: float) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float64, device=x.device)
     nan = a.isnan()
     m = torch.where(nan, 0.0, a).amax()
-    scale = torch.where((m > 0) & m.isfinite(), m, 1.0)
-    s = ((a / scale) ** p).sum()
-    norm = scale * s ** (1.0 / p)
-    norm = torch.where(m == 0, 0.0, norm)
+    norm = unscale(m, (scaled_ratio(a, m) ** p).sum(), p)
     norm = torch.where(a.isinf().any(), float("inf"), norm)
     return torch.where(nan.any(), float("nan"), norm)
 
