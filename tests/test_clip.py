@@ -228,8 +228,26 @@ def test_bad_clip_value_changes_nothing(bad):
         assert torch.equal(p.grad, b)
 
 
-def test_foreach_argument_accepted():
-    ps = params_with_grads()
-    for fe in (None, True, False):
-        fastgrad.clip_grad_norm_(clone_params(ps), 1.0, foreach=fe)
-        fastgrad.clip_grad_value_(clone_params(ps), 1.0, foreach=fe)
+def test_foreach_argument_gives_the_same_results():
+    """``foreach`` is accepted for torch compatibility and changes nothing: same norm, same gradients
+    as ``foreach=None``, and as torch's own clip with the same flag."""
+    ps = params_with_grads(scale=3.0)
+    base = clone_params(ps)
+    n_base = fastgrad.clip_grad_norm_(base, 1.0)
+    assert n_base.item() > 1.0  # the call clips
+    v_base = clone_params(ps)
+    fastgrad.clip_grad_value_(v_base, 0.5)
+    for fe in (True, False):
+        ours, theirs = clone_params(ps), clone_params(ps)
+        n = fastgrad.clip_grad_norm_(ours, 1.0, foreach=fe)
+        n_t = torch.nn.utils.clip_grad_norm_(theirs, 1.0, foreach=fe)
+        assert torch.equal(n, n_base) and n.item() == pytest.approx(n_t.item(), rel=1e-6)
+        for a, b, t in zip(ours, base, theirs):
+            assert torch.equal(a.grad, b.grad)
+            torch.testing.assert_close(a.grad, t.grad, rtol=1e-6, atol=0)
+        ours, theirs = clone_params(ps), clone_params(ps)
+        assert fastgrad.clip_grad_value_(ours, 0.5, foreach=fe) is None
+        torch.nn.utils.clip_grad_value_(theirs, 0.5, foreach=fe)
+        for a, b, t in zip(ours, v_base, theirs):
+            assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, t.grad)
+        assert any((a.grad.abs() == 0.5).any() for a in ours)

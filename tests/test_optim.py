@@ -49,6 +49,22 @@ def assert_params_close(a: torch.nn.Module, b: torch.nn.Module, rel: float = REL
         assert err <= rel, f"{name}: max |ours - torch| / max |torch| = {err:.3g} > {rel}"
 
 
+def float64_norm(model) -> float:
+    """The global 2-norm of the model's gradients, summed in float64 (math.fsum) from the float32 values."""
+    return math.sqrt(math.fsum(x * x for p in model.parameters() if p.grad is not None
+                               for x in p.grad.double().flatten().tolist()))
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two optimizer ``state_dict()["state"]`` equal: same keys, tensors bit for bit."""
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert a[k].keys() == b[k].keys(), k
+        for kk, v in a[k].items():
+            w = b[k][kk]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (k, kk)
+
+
 def snapshot(model, opt):
     return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()["state"])
 
@@ -88,7 +104,11 @@ def test_matches_clip_grad_norm_then_step(name, how):
     for step in range(50):
         opt.zero_grad()
         loss_of(ours, step).backward()
+        n64 = float64_norm(ours)  # the gradients the step receives
         opt.step()
+        # the coefficient against the float64 norm at 1e-12: torch's 1e-6 epsilon included
+        assert opt.last_stats.clip_coef.item() == pytest.approx(min(0.5 / (n64 + 1e-6), 1.0), rel=1e-12, abs=0)
+        assert opt.last_stats.total_norm.item() == pytest.approx(n64, rel=1e-12)
         sched_a.step()
         ref.zero_grad()
         loss_of(theirs, step).backward()
@@ -364,11 +384,22 @@ def test_state_dict_interoperates_with_plain_torch():
     opt = fastgrad.wrap(plain, max_norm=0.5)
     _train(model, opt, 2)
     sd = opt.state_dict()
-    other = torch.optim.AdamW(copy.deepcopy(model).parameters(), lr=1e-2)
+    assert "fastgrad" in sd and sd["state"][0]["step"].item() == 2
+    twin = copy.deepcopy(model)
+    other = torch.optim.AdamW(twin.parameters(), lr=0.5)
     other.load_state_dict(sd)  # torch ignores the extra "fastgrad" entry
-    wrapped = fastgrad.wrap(torch.optim.AdamW(copy.deepcopy(model).parameters(), lr=1e-2), max_norm=0.5)
+    assert_same_state(other.state_dict()["state"], plain.state_dict()["state"])
+    assert other.param_groups[0]["lr"] == 1e-2 and "fastgrad" not in other.state_dict()
+    wrapped = fastgrad.wrap(torch.optim.AdamW(copy.deepcopy(model).parameters(), lr=0.5), max_norm=0.5)
     wrapped.load_state_dict(plain.state_dict())  # a plain checkpoint: fastgrad state stays fresh
     assert wrapped.counters["steps"].item() == 0
+    assert_same_state(wrapped.state_dict()["state"], plain.state_dict()["state"])
+    assert wrapped.param_groups[0]["lr"] == 1e-2
+    # both continue the same trajectory as the original (clipping at 0.5 on both wrapped ones)
+    other_w = fastgrad.wrap(other, max_norm=0.5)
+    for m, o in ((model, opt), (twin, other_w)):
+        _train(m, o, 2, start=2)
+    assert_same_state(other.state_dict()["state"], plain.state_dict()["state"])
 
 
 def test_load_state_dict_mismatch_changes_nothing():
@@ -462,12 +493,16 @@ def test_names_from_named_parameters_groups():
 
 
 class FakeMonitor:
-    def __init__(self):
+    def __init__(self, model=None):
         self.calls = 0
         self.records = []
+        self.model = model
+        self.norms = []  # float64 norm of the model's gradients when the step asks (before it writes them)
 
     def stats_request(self):
         self.calls += 1
+        if self.model is not None:
+            self.norms.append(float64_norm(self.model))
         return {"histogram": True, "groups": "module", "norm_types": (1.0, 2.0)} if self.calls % 2 else None
 
     def record(self, stats, *, clip_coef, skipped):
@@ -481,16 +516,28 @@ def test_monitor_contract_one_pass(monkeypatch):
     real = fo.grad_stats
     monkeypatch.setattr(fo, "grad_stats", lambda *a, **k: passes.append(k) or real(*a, **k))
     model = make_model()
-    mon = FakeMonitor()
+    mon = FakeMonitor(model)
     opt = fastgrad.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=0.5, model=model,
                         monitor=mon)
-    _train(model, opt, 4)
+    coefs = []
+    for step in range(4):
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        opt.step()
+        coefs.append(opt.last_stats.clip_coef)
     assert len(passes) == 4 and mon.calls == 4 and len(mon.records) == 4
     assert passes[0]["histogram"] is True and passes[0]["norm_types"] == (2.0, 1.0)
     assert passes[1]["histogram"] is False
     stats, coef, skipped = mon.records[0]
     assert stats.histogram is not None and stats.groups is not None and stats.norm_type == 2.0
-    assert coef is opt.last_stats.clip_coef or mon.records[-1][1] is opt.last_stats.clip_coef
+    # each record carries that step's coefficient object, whose value is torch's rule on the
+    # float64 norm of the gradients the step received
+    assert [r[1] for r in mon.records] == coefs and all(r[1] is c for r, c in zip(mon.records, coefs))
+    for (st, c, sk), n in zip(mon.records, mon.norms):
+        assert c.dtype == torch.float64 and c.dim() == 0
+        assert c.item() == pytest.approx(min(0.5 / (n + 1e-6), 1.0), rel=1e-12, abs=0)
+        assert st.total_norm.item() == pytest.approx(n, rel=1e-12) and not sk.item()
+    assert sum(c.item() < 1 for c in coefs) >= 2, "the test must exercise clipping"
     assert skipped.dtype == torch.bool and skipped.dim() == 0
     assert mon.records[1][0].histogram is None
 

@@ -40,6 +40,53 @@ def test_norm_matches_fsum(dtype, p):
             assert got == pytest.approx(want, rel=1e-13, abs=0.0), (dtype, p)
 
 
+def _nonfinite_cases(dtype):
+    v = nasty_values(dtype)
+    inf, nan = float("inf"), float("nan")
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64).to(dtype)  # noqa: E731
+    return {
+        "nasty": v,  # NaN, +Inf, -Inf among finite extremes
+        "inf_no_nan": v[~v.isnan()],
+        "neginf_only": t([-inf]),
+        "neginf_and_finite": t([-inf, 1.0, -2.0]),
+        "posinf_and_neginf": t([inf, -inf, 0.0]),
+        "nan_only": t([nan]),
+        "nan_and_inf": t([inf, nan, -1.0]),
+        "nan_and_zeros": t([0.0, nan, -0.0]),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 0.5])
+def test_norm_matches_fsum_with_nan_and_inf(dtype, p):
+    for what, x in _nonfinite_cases(dtype).items():
+        want = _py_norm(x.double().tolist(), p)
+        got = tensor_norm_reference(x, p).item()
+        assert (math.isnan(got) and math.isnan(want)) or got == want, (what, dtype, p, got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_counts_max_abs_and_histogram_with_nan_and_inf_match_python(dtype):
+    spec = make_spec((2, 1), HistogramSpec(-30, 8))
+    cases = _nonfinite_cases(dtype)
+    raw = stats_reference(list(cases.values()), spec)
+    for row, (what, x) in enumerate(cases.items()):
+        vals = x.double().tolist()
+        counts = [sum(math.isnan(v) for v in vals), sum(v == math.inf for v in vals),
+                  sum(v == -math.inf for v in vals), sum(v == 0 for v in vals)]
+        assert raw.counts[row, :4].tolist() == counts, what
+        finite = [abs(v) for v in vals if not math.isnan(v)]
+        assert raw.floats[row, -1].item() == max(finite, default=0.0), what
+        for j, p in enumerate((2.0, 1.0)):
+            want, got = _py_norm(vals, p), raw.floats[row, j].item()
+            assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-13), (what, p)
+        hist = [0] * spec.histogram.num_bins
+        for v in vals:
+            if math.isfinite(v) and v != 0:
+                hist[_py_bin(v, spec.histogram)] += 1
+        assert raw.counts[row, 4:].tolist() == hist, what
+
+
 def test_norm_extremes_do_not_overflow_or_underflow():
     big = torch.tensor([1e200, 1e200], dtype=torch.float64)
     assert tensor_norm_reference(big, 2).item() == pytest.approx(math.sqrt(2) * 1e200, rel=1e-15)
