@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -73,11 +75,31 @@ def test_transformers_callback_on_tiny_gpt2(tmp_path):
         report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0, max_grad_norm=0.0,
     )
+    class Recompute(transformers.TrainerCallback):
+        """Independent truth: float64 norms of the gradients the optimizer step is about to use."""
+
+        def __init__(self):
+            self.total, self.block0, self.numel0 = [], [], []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            sq = {name: p.grad.double().square().sum().item() for name, p in model.named_parameters()
+                  if p.grad is not None}
+            self.total.append(math.sqrt(math.fsum(sq.values())))
+            mine = [n for n in sq if n.startswith("transformer.h.0.")]
+            self.block0.append(math.sqrt(math.fsum(sq[n] for n in mine)))
+            self.numel0.append(sum(p.numel() for n, p in model.named_parameters() if n in mine))
+
     cb = FastgradTrainerCallback(groups="block", histogram_every=2, log_every=2)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
+    check = Recompute()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb, check])
     trainer.train()
     assert cb.monitor.closed
     run = read_run(tmp_path / "fastgrad")
     assert [s.step for s in run.steps] == [0, 1, 2, 3]
     assert {"transformer.h.0", "transformer.h.1"} <= set(run.layers)
-    assert all(s.total_norm > 0 for s in run.steps) and run.findings == []
+    assert len(check.total) == 4 and run.findings == []
+    for s, total, block0, numel0 in zip(run.steps, check.total, check.block0, check.numel0):
+        assert s.total_norm == pytest.approx(total, rel=1e-9) and total > 0
+        i = s.layers.index("transformer.h.0")
+        assert s.norm[i] == pytest.approx(block0, rel=1e-9) and s.numel[i] == numel0
+    assert len({round(t, 12) for t in check.total}) == 4  # four different steps, not one repeated

@@ -28,8 +28,11 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def run_monitor(loggers, steps=6, nan_at=4, **kw):
-    """A small MLP; a NaN is planted in one layer's gradient at ``nan_at``."""
+def run_monitor(loggers, steps=6, nan_at=4, grads_out=None, **kw):
+    """A small MLP; a NaN is planted in one layer's gradient at ``nan_at``.
+
+    ``grads_out``: a list that receives, per step, every gradient value as the monitor saw it.
+    """
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
                                 torch.nn.Linear(16, 1))
     opts = {"loggers": loggers, "histogram_every": 2, "log_every": 4}
@@ -42,9 +45,25 @@ def run_monitor(loggers, steps=6, nan_at=4, **kw):
         if i == nan_at:
             model[2].weight.grad[0, 0] = float("nan")
             model[2].bias.grad[1] = float("inf")
+        if grads_out is not None:
+            grads_out.append([v for p in model.parameters() for v in p.grad.double().flatten().tolist()])
         m.step()
     m.close()
     return m
+
+
+def expected_buckets(values, info):
+    """``{log2 upper edge: count}`` of the non-empty global histogram buckets, from the raw gradient
+    values alone (math.frexp; not the loggers' helpers): bucket ``[e, e+1)`` holds the finite non-zero
+    ``x`` with ``floor(log2 |x|) = e``; values below ``2^min_exp`` share the bucket
+    ``[min_exp - 1, min_exp)``, values at or above ``2^max_exp`` the bucket ``[max_exp, max_exp + 1)``."""
+    out: dict[int, int] = {}
+    for v in values:
+        if math.isfinite(v) and v != 0:
+            e = math.frexp(abs(v))[1] - 1
+            e = min(max(e, info.hist_min_exp - 1), info.hist_max_exp)
+            out[e + 1] = out.get(e + 1, 0) + 1
+    return out
 
 
 def assert_same_record(a, b):
@@ -128,7 +147,8 @@ def test_tensorboard_events_read_back(tmp_path):
 
     from fastgrad.loggers.tensorboard import TensorBoardLogger
 
-    m = run_monitor([TensorBoardLogger(tmp_path)])
+    grads = []
+    m = run_monitor([TensorBoardLogger(tmp_path)], grads_out=grads)
     acc = EventAccumulator(str(tmp_path), size_guidance={SCALARS: 0, HISTOGRAMS: 0, TENSORS: 0})
     acc.Reload()
     tags = acc.Tags()
@@ -144,10 +164,14 @@ def test_tensorboard_events_read_back(tmp_path):
     hist_records = [r for r in m.records if r.histograms is not None]
     assert [h.step for h in hist] == [r.step for r in hist_records] == [0, 2, 4]
     for h, r in zip(hist, hist_records):
-        counts, edges = trimmed_histogram(r.global_histogram, m.info)
-        assert list(h.histogram_value.bucket) == counts.astype(float).tolist()
-        assert list(h.histogram_value.bucket_limit) == edges[1:].tolist()
-        assert h.histogram_value.num == r.global_histogram.sum()
+        hv = h.histogram_value
+        want = expected_buckets(grads[r.step], m.info)
+        limits = list(hv.bucket_limit)
+        # contiguous binades from the lowest non-empty one to the highest, nothing outside
+        assert limits == [float(e) for e in range(min(want), max(want) + 1)]
+        assert hv.min == min(want) - 1 and hv.max == max(want)
+        assert {int(lim): c for lim, c in zip(limits, hv.bucket) if c} == {e: float(c) for e, c in want.items()}
+        assert hv.num == sum(want.values()) == r.global_histogram.sum()
         # the buckets hold every finite non-zero element
         assert h.histogram_value.num == r.total_numel - r.total_zero - r.total_nonfinite
     layer_hist = acc.Histograms("grad_log2_magnitude/0")
@@ -189,7 +213,8 @@ def test_wandb_offline_run_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    m = run_monitor([WandbLogger(dir=str(tmp_path), mode="offline", project="fastgrad-test")])
+    grads = []
+    m = run_monitor([WandbLogger(dir=str(tmp_path), mode="offline", project="fastgrad-test")], grads_out=grads)
     files = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(files) == 1
     # wandb-core (a separate process) may still be writing when finish() returns: wait for the exit record.
@@ -210,10 +235,11 @@ def test_wandb_offline_run_files(tmp_path, monkeypatch):
             assert h["grad/global_norm"] == pytest.approx(r.total_norm, rel=1e-12)
             assert h["grad_norm/0"] == pytest.approx(r.norm[0], rel=1e-12)
         if r.histograms is not None:
-            counts, edges = trimmed_histogram(r.global_histogram, m.info)
+            want = expected_buckets(grads[r.step], m.info)
+            lo, hi = min(want) - 1, max(want)  # log2 edges of the non-empty range
             assert h["grad_hist/global/_type"] == "histogram"
-            assert h["grad_hist/global/values"] == counts.tolist()
-            assert h["grad_hist/global/bins"] == edges.tolist()
+            assert h["grad_hist/global/bins"] == [float(e) for e in range(lo, hi + 1)]
+            assert h["grad_hist/global/values"] == [want.get(e + 1, 0) for e in range(lo, hi)]
         else:
             assert "grad_hist/global/values" not in h
 
