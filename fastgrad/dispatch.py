@@ -89,10 +89,17 @@ def choose(device: torch.device, dtype: torch.dtype, requested: str | None):
 
 def _fast_backend(first: torch.Tensor, requested: str | None):
     """The backend :func:`choose` picks for the first tensor, if it has the fast forms (else None)."""
-    if first.dtype not in DTYPE_CODES:
+    dtype = first.dtype
+    if dtype not in DTYPE_CODES:
         return None  # the general form says what is wrong
-    b = choose(first.device, first.dtype, requested)
-    return b if has_fast_forms(b) else None
+    b = choose(first.device, dtype, requested)
+    fast = _HAS_FAST.get(b)
+    if fast is None:
+        fast = _HAS_FAST[b] = has_fast_forms(b)
+    return b if fast else None
+
+
+_HAS_FAST: dict = {}  # backend object -> offers the fast forms (backends are singletons)
 
 
 def _route(tensors: Sequence[torch.Tensor], requested: str | None):

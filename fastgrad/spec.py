@@ -21,6 +21,7 @@ scaled formula everywhere (:func:`fastgrad.aggregate.combine_norms`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -76,23 +77,22 @@ class StatsSpec:
 
     norm_types: tuple[float, ...] = (2.0,)
     histogram: HistogramSpec | None = field(default_factory=HistogramSpec)
+    # Derived once (every call reads them; a spec is immutable):
+    #   finite_norms    the finite p among norm_types, in order, without repeats: one float column each
+    #   num_float_cols  len(finite_norms) + 1 (max|x|)
+    #   num_count_cols  4 counters + the histogram bins
+    finite_norms: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    num_float_cols: int = field(init=False, repr=False, compare=False)
+    num_count_cols: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def finite_norms(self) -> tuple[float, ...]:
-        """The finite p among ``norm_types``, in order, without repeats: one float column each."""
+    def __post_init__(self) -> None:
         out: list[float] = []
         for p in self.norm_types:
             if math.isfinite(p) and p not in out:
                 out.append(p)
-        return tuple(out)
-
-    @property
-    def num_float_cols(self) -> int:
-        return len(self.finite_norms) + 1
-
-    @property
-    def num_count_cols(self) -> int:
-        return NUM_COUNTS + (self.histogram.num_bins if self.histogram else 0)
+        object.__setattr__(self, "finite_norms", tuple(out))
+        object.__setattr__(self, "num_float_cols", len(out) + 1)
+        object.__setattr__(self, "num_count_cols", NUM_COUNTS + (self.histogram.num_bins if self.histogram else 0))
 
 
 class RawStats(NamedTuple):
@@ -145,6 +145,15 @@ def parse_norm_type(norm_type: float | int | str) -> float:
 
 def make_spec(norm_types, histogram) -> StatsSpec:
     """Build a :class:`StatsSpec` from the public ``norm_types`` / ``histogram`` arguments."""
+    try:
+        return _make_spec_cached(norm_types, histogram)
+    except TypeError as e:  # unhashable arguments (a list of norm types): build it uncached
+        if "unhashable" not in str(e):
+            raise
+        return _make_spec(norm_types, histogram)
+
+
+def _make_spec(norm_types, histogram) -> StatsSpec:
     if isinstance(norm_types, (int, float, str)):
         norm_types = (norm_types,)
     ps = tuple(parse_norm_type(p) for p in norm_types)
@@ -164,3 +173,6 @@ def make_spec(norm_types, histogram) -> StatsSpec:
             f"got {histogram!r}"
         )
     return StatsSpec(ps, hist)
+
+
+_make_spec_cached = functools.lru_cache(maxsize=64)(_make_spec)

@@ -106,7 +106,10 @@ class GradStats:
     @property
     def total_norm(self) -> torch.Tensor:
         """float64 0-d: the global ``norm_type``-norm, as if all gradients were one vector."""
-        return self.total.norm()[0]
+        p = self.norm_type
+        if math.isinf(p):
+            return self.total.norm()[0]
+        return self.total.raw.floats[0, self.spec.finite_norms.index(p)]
 
     @property
     def global_histogram(self) -> torch.Tensor | None:
