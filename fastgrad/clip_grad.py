@@ -149,6 +149,16 @@ def _torch_total_norm(grads: Sequence[torch.Tensor], p: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), p)
 
 
+def _as_dtype(total: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """The norm in the gradients' dtype, rounded once from float64 (as ``.to(dtype)``)."""
+    if not isinstance(total, float):
+        return total.to(dtype)
+    try:  # a third of torch.tensor's host cost, the same rounding
+        return torch.scalar_tensor(total, dtype=dtype)
+    except RuntimeError:  # float32 refuses values beyond its range here; .to() gives inf
+        return torch.tensor(total, dtype=torch.float64).to(dtype)
+
+
 def _total_norm(
     names, grads, p: float, error_if_nonfinite: bool, backend, process_group=None, placements=None
 ) -> tuple[torch.Tensor | float, torch.Tensor]:
@@ -163,7 +173,7 @@ def _total_norm(
         check_grads(names, grads)
         total, dtypes = _torch_total_norm(grads, p), list({g.dtype for g in grads})
     dtype = dtypes[0] if len(dtypes) == 1 else functools.reduce(torch.promote_types, dtypes)
-    returned = torch.tensor(total, dtype=dtype) if isinstance(total, float) else total.to(dtype)
+    returned = _as_dtype(total, dtype)
     # torch raises when the norm it returns is non-finite: so does fastgrad (one sync, as torch's)
     if error_if_nonfinite and not bool(returned.isfinite()):
         raise _nonfinite_error(names, grads, p, total, dtype, backend)

@@ -174,3 +174,18 @@ def test_clip_grads_with_norm_wants_a_tensor_total_norm_as_torch():
     with pytest.raises(TypeError, match="total_norm must be a tensor"):
         fastgrad.clip_grads_with_norm_(ps, 1.0, 10.0)
     assert torch.equal(ps[0].grad, torch.tensor([3.0, 4.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_returned_norm_is_the_float64_norm_rounded_once_to_the_dtype(dtype):
+    """The CPU path carries the norm as a Python float; the returned tensor must round it exactly as
+    ``.to(dtype)`` does, including values beyond the dtype's range (inf) and NaN."""
+    from fastgrad.clip_grad import _as_dtype
+
+    g = torch.Generator().manual_seed(5)
+    vals = (torch.rand(2000, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-40, 40, (2000,), generator=g)).tolist()
+    vals += [65503.9, 65504.0, 65519.99, 65520.0, 3.4e38, 3.5e38, 1e300, math.inf, math.nan, 0.0]
+    got = torch.stack([_as_dtype(v, dtype) for v in vals])
+    want = torch.tensor(vals, dtype=torch.float64).to(dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
