@@ -33,6 +33,10 @@ form:
 ``stats_plain(tensors, spec) -> (StatsResult, dtype_mask) | None``
     ``dtype_mask``: bit ``DTYPE_CODES[dt]`` set for each dtype present.
 ``scale_plain_(tensors, coef) -> bool`` and ``clamp_plain_(tensors, clip_value) -> bool``
+    (``coef`` may also be a Python float where the backend reads host memory).
+``total_norm_plain(tensors, p) -> (total, dtype_mask) | None``  (optional on its own)
+    the global ``p``-norm alone, for the clipping path: a float64 0-d tensor, or a
+    Python float for a backend whose memory is the host's (no sync involved).
 
 tests/test_backends.py checks every available backend against this protocol
 and against the float64 reference.
