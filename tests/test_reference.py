@@ -89,11 +89,35 @@ def test_counts_max_abs_and_histogram_with_nan_and_inf_match_python(dtype):
 
 def test_norm_extremes_do_not_overflow_or_underflow():
     big = torch.tensor([1e200, 1e200], dtype=torch.float64)
-    assert tensor_norm_reference(big, 2).item() == pytest.approx(math.sqrt(2) * 1e200, rel=1e-15)
+    # abs=0: pytest.approx's default absolute tolerance (1e-12) would accept 0 for 2e-200
+    assert tensor_norm_reference(big, 2).item() == pytest.approx(math.sqrt(2) * 1e200, rel=1e-15, abs=0)
     tiny = torch.tensor([1e-200] * 4, dtype=torch.float64)
-    assert tensor_norm_reference(tiny, 2).item() == pytest.approx(2e-200, rel=1e-15)
+    assert tensor_norm_reference(tiny, 2).item() == pytest.approx(2e-200, rel=1e-15, abs=0)
+    for p in (0.5, 1.0, 3.0):
+        want = 4 ** (1 / p) * 1e-200
+        assert tensor_norm_reference(tiny, p).item() == pytest.approx(want, rel=1e-14, abs=0), p
     f32 = torch.full((10,), 1e30, dtype=torch.float32)
     assert tensor_norm_reference(f32, 2).item() == pytest.approx(math.sqrt(10) * 1e30, rel=1e-7)
+    sub = torch.tensor([1e-40, -1e-40], dtype=torch.float32)  # float32 subnormals
+    assert tensor_norm_reference(sub, 2).item() == pytest.approx(math.sqrt(2) * float(sub[0]), rel=1e-15, abs=0)
+
+
+def test_norm_with_max_exactly_one_and_result_types():
+    x = torch.tensor([1.0, -0.5, 0.25])
+    for p in (1.0, 2.0, 3.0, 0.5):
+        want = math.fsum(abs(v) ** p for v in (1.0, 0.5, 0.25)) ** (1 / p)
+        assert tensor_norm_reference(x, p).item() == pytest.approx(want, rel=1e-15, abs=0), p
+    for t in (x, torch.empty(0), torch.empty(0, 3, dtype=torch.float16)):
+        out = tensor_norm_reference(t, 2.0)
+        assert out.dtype == torch.float64 and out.dim() == 0 and out.device == t.device
+    assert tensor_norm_reference(torch.empty(0), 2.0).item() == 0.0
+    raw = stats_reference([x, torch.empty(0)], make_spec((2, 1), HistogramSpec(-4, 4)))
+    assert raw.floats.dtype == torch.float64 and raw.counts.dtype == torch.int64
+    assert raw.floats.shape == (2, 3) and raw.counts.shape == (2, 4 + 10)
+    assert raw.floats[0].tolist() == [tensor_norm_reference(x, 2).item(), 1.75, 1.0]
+    assert raw.counts[1].tolist() == [0] * 14
+    empty = stats_reference([], make_spec((2,), None))
+    assert empty.floats.shape == (0, 2) and empty.counts.dtype == torch.int64
 
 
 def test_counts_and_histogram_match_python():
