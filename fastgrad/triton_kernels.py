@@ -104,13 +104,14 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 
-from .spec import NUM_COUNTS, RawStats, StatsSpec
+from .backends._layout import dense_in_some_order, overlap_layers
+from .backends.chunk_plan import CaptureMiss, ChunkPlan, PlanCache
+from .spec import DTYPE_CODES, DTYPES_BY_CODE, NUM_COUNTS, RawStats, StatsSpec
 
 CHUNK = 1 << 16
 GPU_BLOCK = 2048
@@ -145,10 +146,21 @@ def _to_f32(raw, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _max_sum_sum(m0, a0, b0, m1, a1, b1):
+    return tl.maximum(m0, m1), a0 + a1, b0 + b1
+
+
+@triton.jit
 def _accumulate(raw, m, acc, mx, hist, k, p, DTYPE: tl.constexpr, IS_F64: tl.constexpr,
                 SCALED: tl.constexpr, GENERIC_P: tl.constexpr, HIST: tl.constexpr,
                 MIN_EXP: tl.constexpr, NBINS: tl.constexpr, NSLOTS: tl.constexpr):
-    """Fold one block of loaded values (lanes outside ``m`` hold 0) into a chunk's accumulators."""
+    """Fold one block of loaded values (lanes outside ``m`` hold 0) into a chunk's accumulators.
+
+    ``acc`` ([NPP] float64), ``mx`` and ``k`` are per-chunk scalars: each block
+    is reduced (a fixed tree, the same on every run) before it is added, so no
+    per-lane float64 accumulators stay live across the loop (they cost
+    2 * NPP registers per element a thread holds).
+    """
     if IS_F64:
         x = raw
         bits = x.to(tl.int64, bitcast=True)
@@ -168,8 +180,8 @@ def _accumulate(raw, m, acc, mx, hist, k, p, DTYPE: tl.constexpr, IS_F64: tl.con
 
     a = tl.abs(x)
     is_nan = (e == EMAX) & mant
-    mx = tl.maximum(mx, tl.where(is_nan, 0.0, a))
-    a_fin = tl.where(e != EMAX, a, 0.0)
+    a_num = tl.where(is_nan, 0.0, a)  # max|x| is over the non-NaN values
+    a_fin = tl.where(e != EMAX, a, 0.0)  # sums are over the finite values
 
     if SCALED:
         bm = tl.max(a_fin, axis=0)
@@ -177,15 +189,24 @@ def _accumulate(raw, m, acc, mx, hist, k, p, DTYPE: tl.constexpr, IS_F64: tl.con
         k_new = tl.maximum(k, kb)
         acc = acc * tl.exp2(p * (k - k_new).to(tl.float64))
         k = k_new
-        b = (a_fin * tl.exp2(-k.to(tl.float64)))[None, :]
+        b = a_fin * tl.exp2(-k.to(tl.float64))
     else:
-        b = a_fin[None, :]
+        b = a_fin
     if GENERIC_P:
+        mx = tl.maximum(mx, tl.max(a_num, axis=0))
         pos = b > 0
-        powp = tl.where(pos, tl.exp2(p * tl.log2(tl.where(pos, b, 1.0))), 0.0)
-        acc += tl.where(p == 2.0, b * b, tl.where(p == 1.0, b, powp))
+        lb = tl.log2(tl.where(pos, b, 1.0))
+        # One p at a time, each block row reduced at once: [BLOCK] temporaries, not [NPP, BLOCK].
+        j = tl.arange(0, acc.shape[0])
+        for jj in tl.static_range(acc.shape[0]):
+            pj = tl.sum(tl.where(j == jj, p, 0.0), axis=0)
+            term = tl.where(pj == 2.0, b * b, tl.where(pj == 1.0, b, tl.where(pos, tl.exp2(pj * lb), 0.0)))
+            acc = tl.where(j == jj, acc + tl.sum(term, axis=0), acc)
     else:
-        acc += tl.where(p == 2.0, b * b, b)
+        # Every p is 1 or 2: max, sum and sum of squares in one block reduction.
+        bmx, s1, s2 = tl.reduce((a_num, b, b * b), 0, _max_sum_sum)
+        mx = tl.maximum(mx, bmx)
+        acc += tl.where(p == 2.0, s2, s1)
 
     # Slot = output column: 0 NaN, 1 +Inf, 2 -Inf, 3 zero, 4 + histogram bin.
     special = tl.where(mant, 0, tl.where(neg, 2, 1))
@@ -240,11 +261,11 @@ def _stats_chunk_kernel(
 ):
     w = tl.program_id(0).to(tl.int64)
     base, n = _program_chunk(ptr_table, numels, chunk_row, chunk_start, DTYPE, ALIGNED, CHUNK)
-    p = tl.load(ps + tl.arange(0, NPP))[:, None]
+    p = tl.load(ps + tl.arange(0, NPP))
     lanes = tl.arange(0, BLOCK)
 
-    acc = tl.zeros([NPP, BLOCK], dtype=tl.float64)
-    mx = tl.zeros([BLOCK], dtype=tl.float64)
+    acc = tl.zeros([NPP], dtype=tl.float64)
+    mx = tl.zeros([], dtype=tl.float64)
     hist = tl.zeros([NSLOTS], dtype=tl.int32)
     # Running scale exponent of the scaled path: every |x| seen is < 2^k.
     # -1022 makes 2^-k a normal double from the start.
@@ -264,12 +285,12 @@ def _stats_chunk_kernel(
                                        GENERIC_P, HIST, MIN_EXP, NBINS, NSLOTS)
 
     frow = fpart + w * (NPP + 2)
-    tl.store(frow + tl.arange(0, NPP), tl.sum(acc, axis=1))
+    tl.store(frow + tl.arange(0, NPP), acc)
     if SCALED:
         tl.store(frow + NPP, k.to(tl.float64))
     else:
         tl.store(frow + NPP, 0.0)
-    tl.store(frow + NPP + 1, tl.max(mx, axis=0))
+    tl.store(frow + NPP + 1, mx)
     tl.store(cpart + w * NSLOTS + tl.arange(0, NSLOTS), hist)
 
 
@@ -502,125 +523,61 @@ def _next_pow2(n: int) -> int:
 
 def flat_readable(t: torch.Tensor) -> bool:
     """True if ``t``'s elements fill ``numel`` consecutive slots from ``data_ptr()`` on."""
-    if t.is_contiguous() or t.numel() <= 1:
-        return True
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+    return t.is_contiguous() or t.numel() <= 1 or dense_in_some_order(t)
 
 
-class _Group:
-    """The chunks of one dtype: rows ``[w0, w1)`` of the partial tables."""
-
-    __slots__ = ("dtype", "rows", "w0", "w1", "chunk_row", "chunk_start", "block")
-
-    def __init__(self, dtype, rows, w0, w1, chunk_row, chunk_start, block):
-        self.dtype, self.rows, self.w0, self.w1 = dtype, rows, w0, w1
-        self.chunk_row, self.chunk_start, self.block = chunk_row, chunk_start, block
+# Plans and their pointer tables, per (device, stream): fastgrad.backends.chunk_plan.
+PLANS = PlanCache(max_plans=32, max_tables=4)
+_PLANS = PLANS  # the name tests/test_triton.py counts plans by
 
 
-class _Plan:
-    __slots__ = ("groups", "numels", "numels_and_total", "chunk_range", "num_chunks", "tables")
-
-    def __init__(self, groups, numels, chunk_range, num_chunks):
-        self.groups, self.numels = groups, numels
-        self.numels_and_total = torch.cat([numels, numels.sum().reshape(1)])  # GradStats.numel, cached
-        self.chunk_range, self.num_chunks = chunk_range, num_chunks
-        self.tables: OrderedDict = OrderedDict()  # pointer tuple -> device int64 table
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
-_PLANS: OrderedDict = OrderedDict()
-_MAX_PLANS = 32
-_MAX_TABLES = 4
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _plan(tensors, device: torch.device, chunk: int) -> _Plan:
-    """The chunk tables of this parameter set (cached: built once per set of shapes)."""
-    if chunk < 16 or chunk & (chunk - 1):
-        raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
-    key = (device, chunk, tuple((t.numel(), t.dtype) for t in tensors))
-    plan = _PLANS.get(key)
-    if plan is not None:
-        _PLANS.move_to_end(key)
-        return plan
-    numels = [t.numel() for t in tensors]
-    by_dtype: dict = {}
-    for row, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(row)
-    max_block = chunk if INTERPRETED else min(chunk, GPU_BLOCK)
-    groups, ranges, w = [], [0] * (2 * len(tensors)), 0
-    for dtype, rows in by_dtype.items():
-        w0, crow, cstart = w, [], []
-        for row in rows:
-            ranges[2 * row] = w
-            for s in range(0, numels[row], chunk):
-                crow.append(row)
-                cstart.append(s)
-            w += len(range(0, numels[row], chunk))
-            ranges[2 * row + 1] = w
-        biggest = max(numels[r] for r in rows)
-        block = min(max_block, max(16, _next_pow2(biggest)))
-        groups.append(
-            _Group(
-                dtype,
-                rows,
-                w0,
-                w,
-                torch.tensor(crow, dtype=torch.int32, device=device),
-                torch.tensor(cstart, dtype=torch.int64, device=device),
-                block,
-            )
-        )
-    plan = _Plan(
-        groups,
-        torch.tensor(numels, dtype=torch.int64, device=device),
-        torch.tensor(ranges, dtype=torch.int64, device=device),
-        w,
+def _plan(srcs, addrs: list[int], device: torch.device, chunk: int, capturing: bool) -> ChunkPlan:
+    """The chunk plan of these tensors, in groups of one dtype and one pointer alignment: a
+    misaligned tensor (a view into a bucket at an odd offset) only turns off 128-bit loads for
+    its own group. Cached per (device, stream, sizes, dtypes, alignments)."""
+    return PLANS.get(
+        device, _stream(device), chunk,
+        [t.numel() for t in srcs], [DTYPE_CODES[t.dtype] for t in srcs],
+        [(DTYPE_CODES[t.dtype], a % 16 == 0) for t, a in zip(srcs, addrs)],
+        capturing=capturing, what="fastgrad's Triton backend",
     )
-    _PLANS[key] = plan
-    if len(_PLANS) > _MAX_PLANS:
-        _PLANS.popitem(last=False)
-    return plan
 
 
-def _table(plan: _Plan, values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as a device int64 tensor, reused while they repeat (no upload in steady state)."""
-    key = tuple(values)
-    t = plan.tables.get(key)
-    if t is not None:
-        plan.tables.move_to_end(key)
-        return t
-    if device.type == "cuda":
-        # Pinned + non_blocking: the upload queues behind earlier work instead
-        # of making the host wait for it.
-        t = torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
-    else:
-        t = torch.tensor(values, dtype=torch.int64, device=device)
-    plan.tables[key] = t
-    if len(plan.tables) > _MAX_TABLES:
-        plan.tables.popitem(last=False)
-    return t
+def _group_dtype(g) -> torch.dtype:
+    return DTYPES_BY_CODE[g.key[0]]
+
+
+def _group_block(g, chunk: int) -> int:
+    """Elements per loop step: whole chunks under the interpreter (it pays per operation),
+    GPU_BLOCK on the GPU, never more than the group's largest tensor needs."""
+    max_block = chunk if INTERPRETED else min(chunk, GPU_BLOCK)
+    return min(max_block, max(16, _next_pow2(g.max_numel)))
 
 
 def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _aligned(addrs: list[int], rows: list[int]) -> bool:
-    """True if every pointer of the group is 16-byte aligned (chunk starts then are too)."""
-    return all(addrs[r] % 16 == 0 for r in rows)
-
-
 _PS: dict = {}
 
 
-def _ps_table(ps: tuple[float, ...], npp: int, device: torch.device) -> torch.Tensor:
+def _ps_table(ps: tuple[float, ...], npp: int, device: torch.device, capturing: bool) -> torch.Tensor:
     key = (ps, npp, device)
     t = _PS.get(key)
     if t is None:
+        if capturing:
+            raise CaptureMiss(
+                "fastgrad's Triton backend: these norm types were not used before the CUDA graph "
+                "capture began; run the same call once before capturing (a warm-up)."
+            )
         padded = list(ps) + [2.0] * (npp - len(ps))
         t = _PS[key] = torch.tensor(padded, dtype=torch.float64, device=device)
     return t
@@ -643,7 +600,7 @@ def grad_stats(tensors, spec: StatsSpec, chunk: int = CHUNK) -> RawStats:
 
 def grad_stats_full(tensors, spec: StatsSpec, chunk: int = CHUNK) -> tuple[RawStats, torch.Tensor, RawStats]:
     """``(raw [T], numel [T + 1], total)`` for ``tensors`` (one device, at least one):
-    ``G + 2`` launches for ``G`` dtypes."""
+    ``G + 2`` launches for the ``G`` (dtype, alignment) groups present."""
     ps = spec.finite_norms
     nc = spec.num_count_cols
     device = tensors[0].device
@@ -654,14 +611,15 @@ def grad_stats_full(tensors, spec: StatsSpec, chunk: int = CHUNK) -> tuple[RawSt
     npp = _next_pow2(max(1, len(ps)))
     generic = any(p not in (1.0, 2.0) for p in ps)
     big_p = any(p > FAST_MAX_P for p in ps)
+    capturing = _capturing(device)
 
     srcs = [t if flat_readable(t) else t.contiguous() for t in tensors]
-    plan = _plan(srcs, device, chunk)
     addrs = [t.data_ptr() for t in srcs]
-    ptrs = _table(plan, addrs, device)
-    ps_t = _ps_table(ps, npp, device)
-    fpart = torch.empty(max(plan.num_chunks, 1), npp + 2, dtype=torch.float64, device=device)
-    cpart = torch.empty(max(plan.num_chunks, 1), nslots, dtype=torch.int32, device=device)
+    plan = _plan(srcs, addrs, device, chunk, capturing)
+    ptrs = plan.table(addrs, capturing)
+    ps_t = _ps_table(ps, npp, device, capturing)
+    fpart = torch.empty(max(plan.num_items, 1), npp + 2, dtype=torch.float64, device=device)
+    cpart = torch.empty(max(plan.num_items, 1), nslots, dtype=torch.int32, device=device)
     floats = torch.empty(T + 1, len(ps) + 1, dtype=torch.float64, device=device)  # row T: the total
     counts = torch.empty(T + 1, nc, dtype=torch.int64, device=device)
 
@@ -669,21 +627,24 @@ def grad_stats_full(tensors, spec: StatsSpec, chunk: int = CHUNK) -> tuple[RawSt
         for g in plan.groups:
             if g.w1 == g.w0:
                 continue
-            is_f64 = g.dtype == torch.float64
-            # float64 and several p hold more accumulators per element: a
-            # smaller block keeps them in registers on the GPU.
-            block = g.block if INTERPRETED or not (is_f64 or npp > 2) else min(g.block, GPU_BLOCK // 2)
+            dtype = _group_dtype(g)
+            is_f64 = dtype == torch.float64
+            block = _group_block(g, chunk)
+            if not INTERPRETED and generic:
+                # exp2/log2 in float64 per p: half the elements per thread keeps them in
+                # registers (<= 128 per thread, no spills; tests/test_triton_compile.py).
+                block = min(block, GPU_BLOCK // 2)
             _stats_chunk_kernel[(g.w1 - g.w0,)](
                 ptrs,
                 plan.numels,
-                g.chunk_row,
-                g.chunk_start,
+                plan.item_row[g.w0 : g.w1],
+                plan.item_start[g.w0 : g.w1],
                 ps_t,
                 fpart[g.w0 : g.w1],
                 cpart[g.w0 : g.w1],
-                DTYPE=TL_DTYPES[g.dtype],
+                DTYPE=TL_DTYPES[dtype],
                 IS_F64=is_f64,
-                ALIGNED=_aligned(addrs, g.rows),
+                ALIGNED=g.key[1],
                 CHUNK=chunk,
                 BLOCK=block,
                 NPP=npp,
@@ -693,10 +654,10 @@ def grad_stats_full(tensors, spec: StatsSpec, chunk: int = CHUNK) -> tuple[RawSt
                 MIN_EXP=h.min_exp if h is not None else 0,
                 NBINS=nbins,
                 NSLOTS=nslots,
-                num_warps=8 if block >= 2048 else 4,
+                num_warps=8 if block >= 1024 else 4,
             )
         _stats_reduce_kernel[(T,)](
-            plan.chunk_range,
+            plan.item_range,
             ps_t,
             fpart,
             cpart,
@@ -716,42 +677,51 @@ def grad_stats_full(tensors, spec: StatsSpec, chunk: int = CHUNK) -> tuple[RawSt
 
 
 def _elementwise(tensors, launch, extra: list[int], chunk: int) -> None:
-    """Run ``launch(group, ptr_table, plan, aligned)`` per dtype; strided views go through a copy."""
+    """Run ``launch(group, dtype, ptr_table, plan)`` per group; strided views go through a copy.
+    Tensors that share memory are applied in list order, one layer of disjoint tensors after
+    another (:func:`fastgrad.backends._layout.overlap_layers`)."""
     if not tensors:
         return
+    layers = overlap_layers(tensors)
+    if layers is not None:
+        for idx in layers:
+            _elementwise([tensors[i] for i in idx], launch, extra, chunk)
+        return
     device = tensors[0].device
+    capturing = _capturing(device)
     staged = [(t, t.contiguous()) for t in tensors if not flat_readable(t)]
     copies = {id(t): c for t, c in staged}
     srcs = [copies.get(id(t), t) for t in tensors]
-    plan = _plan(srcs, device, chunk)
     addrs = [t.data_ptr() for t in srcs]
-    ptrs = _table(plan, addrs + extra, device)
+    plan = _plan(srcs, addrs, device, chunk, capturing)
+    ptrs = plan.table(addrs + extra, capturing)
     with _on(device):
         for g in plan.groups:
             if g.w1 > g.w0:
-                launch(g, ptrs, plan, _aligned(addrs, g.rows))
+                launch(g, _group_dtype(g), ptrs, plan)
     for t, c in staged:
         t.copy_(c)
 
 
 def scale_(tensors, coef: torch.Tensor, chunk: int = CHUNK) -> None:
-    """``x *= coef`` in place; ``coef`` is a 0-d tensor read only on the device."""
+    """``x *= coef`` in place; ``coef`` is a 0-d tensor read only on the device. Tensors sharing
+    memory are applied in list order (``[x, x]`` scales ``x`` twice, as a per-tensor loop would)."""
     if not tensors:
         return
     coef = coef.to(tensors[0].device, torch.float64).reshape(())
 
-    def launch(g, ptrs, plan, aligned):
+    def launch(g, dtype, ptrs, plan):
         _scale_kernel[(g.w1 - g.w0,)](
             ptrs,
             plan.numels,
-            g.chunk_row,
-            g.chunk_start,
+            plan.item_row[g.w0 : g.w1],
+            plan.item_start[g.w0 : g.w1],
             coef,
-            DTYPE=TL_DTYPES[g.dtype],
-            IS_F64=g.dtype == torch.float64,
-            ALIGNED=aligned,
+            DTYPE=TL_DTYPES[dtype],
+            IS_F64=dtype == torch.float64,
+            ALIGNED=g.key[1],
             CHUNK=chunk,
-            BLOCK=g.block,
+            BLOCK=_group_block(g, chunk),
         )
 
     _elementwise(tensors, launch, [], chunk)
@@ -762,27 +732,26 @@ def _f64_bits(v: float) -> int:
 
 
 def clamp_(tensors, clip_value: float, chunk: int = CHUNK) -> None:
-    """``x = clamp(x, -clip_value, clip_value)`` in place, one pass per dtype."""
+    """``x = clamp(x, -clip_value, clip_value)`` in place, one pass per group (aliasing as :func:`scale_`)."""
     if not tensors:
         return
     v = float(clip_value)
-    n = len(tensors)
 
-    def launch(g, ptrs, plan, aligned):
+    def launch(g, dtype, ptrs, plan):
         _clamp_kernel[(g.w1 - g.w0,)](
             ptrs,
             plan.numels,
-            g.chunk_row,
-            g.chunk_start,
-            n,
-            DTYPE=TL_DTYPES[g.dtype],
-            IS_F64=g.dtype == torch.float64,
-            ALIGNED=aligned,
+            plan.item_row[g.w0 : g.w1],
+            plan.item_start[g.w0 : g.w1],
+            plan.num_tensors,  # the bounds follow the pointers in the table
+            DTYPE=TL_DTYPES[dtype],
+            IS_F64=dtype == torch.float64,
+            ALIGNED=g.key[1],
             CHUNK=chunk,
-            BLOCK=g.block,
+            BLOCK=_group_block(g, chunk),
         )
 
     _elementwise(tensors, launch, [_f64_bits(-v), _f64_bits(v)], chunk)
 
 
-__all__ = ["CHUNK", "INTERPRETED", "clamp_", "flat_readable", "grad_stats", "scale_"]
+__all__ = ["CHUNK", "INTERPRETED", "PLANS", "clamp_", "flat_readable", "grad_stats", "scale_"]

@@ -29,3 +29,62 @@ def coalesced(t: torch.Tensor) -> tuple[list[int], list[int]]:
             sizes.append(s)
             strides.append(st)
     return sizes or [1], strides or [1]
+
+
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, past-the-end)`` byte addresses of the memory ``t`` can touch (empty: ``(p, p)``)."""
+    p = t.data_ptr()
+    if t.numel() == 0:
+        return p, p
+    size = t.element_size()
+    lo = hi = 0
+    for s, st in zip(t.shape, t.stride()):
+        if st < 0:
+            lo += (s - 1) * st
+        else:
+            hi += (s - 1) * st
+    return p + lo * size, p + (hi + 1) * size
+
+
+def overlap_layers(tensors) -> list[list[int]] | None:
+    """None if no two of ``tensors`` can share memory; else the positions split into *layers*.
+
+    In-place multi-tensor kernels give every tensor its own blocks, which run in
+    any order: two tensors aliasing one memory (``[x, x]``, overlapping views of
+    one buffer, e.g. a DDP bucket) would be read and written concurrently, and
+    ``x *= c`` would leave some shared elements scaled once and some twice
+    (torch's foreach kernels do not check and race the same way on the GPU).
+    fastgrad applies such lists in list order instead, as torch's per-tensor
+    loop (and its CPU foreach path) does: tensor ``i`` goes in layer
+    ``1 + max(layer of every earlier tensor whose memory it may share)``, no two
+    tensors of a layer share memory, and the layers run one after another
+    (``[x, x]`` scales ``x`` twice). The test is on byte spans (conservative:
+    interleaved views like ``x[:, ::2]`` and ``x[:, 1::2]`` get two layers,
+    still correct). Cost: one pass and a sort of the spans.
+    """
+    spans = []
+    for i, t in enumerate(tensors):
+        lo, hi = byte_span(t)
+        if hi > lo:
+            spans.append((lo, hi, i))
+    if len(spans) < 2:
+        return None
+    spans.sort()
+    earlier: dict[int, list[int]] = {}  # i -> the earlier positions it overlaps
+    open_: list = []
+    for lo, hi, i in spans:
+        open_ = [s for s in open_ if s[0] > lo]
+        for _, j in open_:
+            a, b = min(i, j), max(i, j)
+            earlier.setdefault(b, []).append(a)
+        open_.append((hi, i))
+    if not earlier:
+        return None
+    layer = [0] * len(tensors)
+    for i in range(len(tensors)):
+        if i in earlier:
+            layer[i] = 1 + max(layer[j] for j in earlier[i])
+    layers: list[list[int]] = [[] for _ in range(max(layer) + 1)]
+    for i, k in enumerate(layer):
+        layers[k].append(i)
+    return layers
