@@ -172,3 +172,44 @@ def test_reference_norm_used_by_stats_is_the_definition():
     x = make_tensor(5000, torch.bfloat16, "wide")
     s = fastgrad.grad_stats([x], norm_types=(3,))
     assert s.tensor_norms[0].item() == pytest.approx(tensor_norm_reference(x, 3.0).item(), rel=1e-12)
+
+
+# -- what collect() takes a gradient to be (pinned by mutation testing) ---------------------------
+
+
+def test_frozen_parameters_are_parameters_not_gradients():
+    frozen = torch.nn.Parameter(torch.full((3,), 5.0), requires_grad=False)
+    live = torch.nn.Parameter(torch.ones(2))
+    live.grad = torch.full((2,), 2.0)
+    # fast path (tensors and parameters) and pair path: a frozen parameter without .grad is skipped,
+    # never read as if its values were a gradient
+    assert fastgrad.grad_stats([frozen, live]).names == ("[1]",)
+    s = fastgrad.grad_stats([("frozen", frozen), ("live", live)])
+    assert s.names == ("live",) and s.total_norm.item() == pytest.approx(math.sqrt(8), rel=1e-15)
+    frozen.grad = torch.full((3,), 1.0)  # a frozen parameter that has a .grad: that is read
+    s = fastgrad.grad_stats([("frozen", frozen), ("live", live)])
+    assert s.names == ("frozen", "live") and s.total_norm.item() == pytest.approx(math.sqrt(11), rel=1e-15)
+
+
+def test_named_plain_tensors_are_gradients_themselves():
+    g = [("a", torch.ones(4)), ("b", torch.full((1,), 2.0))]
+    s = fastgrad.grad_stats(g)
+    assert s.names == ("a", "b") and s.tensor_norms.tolist() == [2.0, 2.0]
+    leaf = torch.ones(3, requires_grad=True)
+    out = leaf * 3  # a non-leaf tensor that requires grad is a value, not a parameter
+    s = fastgrad.grad_stats([("out", out), ("plain", torch.ones(1))])
+    assert s.names == ("out", "plain") and s.tensor_norms[0].item() == pytest.approx(math.sqrt(27), rel=1e-15)
+    leaf.grad = torch.full((3,), 4.0)
+    assert fastgrad.grad_stats([("leaf", leaf)]).tensor_norms.tolist() == [pytest.approx(math.sqrt(48))]
+
+
+def test_empty_input_warns_saying_why():
+    with pytest.warns(UserWarning, match="no tensors were given"):
+        fastgrad.grad_stats([])
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.warns(UserWarning, match=r"all 2 parameters given have \.grad None"):
+        fastgrad.grad_stats([p, ("q", torch.nn.Parameter(torch.ones(1)))])
+    with pytest.warns(UserWarning, match=r"all 1 parameters"):
+        fastgrad.grad_stats([p])
+    with pytest.raises(TypeError, match="got int"):
+        fastgrad.grad_stats(42)
