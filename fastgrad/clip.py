@@ -83,7 +83,7 @@ from typing import Any
 
 import torch
 
-from .dispatch import clamp_, scale_
+from .ops import clamp_op_, scale_op_
 
 EPS = 1e-6  # torch's clip_grad_norm_: c = max_norm / (total_norm + 1e-6)
 
@@ -140,6 +140,7 @@ class Clipper:
 
     # -- state ---------------------------------------------------------------------------
     _state_keys: tuple[str, ...] = ()
+    _state_dtypes: dict[str, torch.dtype] = {}
 
     def state_dict(self) -> dict[str, Any]:
         """Hyper-parameters and device state (tensors cloned: later steps do not alter the dict)."""
@@ -163,11 +164,23 @@ class Clipper:
         missing = [k for k in self._state_keys if k not in state_dict]
         if missing:
             raise ValueError(f"{type(self).__name__}: state_dict lacks {missing}")
+        for k, shape in self._state_shapes().items():
+            v = state_dict[k]
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
+                raise ValueError(f"{type(self).__name__}: state_dict[{k!r}] must be a tensor of shape {shape}, "
+                                 f"got {v!r}")
         for k in self._state_keys:
             v = state_dict[k]
-            setattr(self, k, v.detach().clone() if isinstance(v, torch.Tensor) else v)
+            if isinstance(v, torch.Tensor):
+                # own copies, in the dtypes the fused step epilogue writes through pointers
+                v = v.detach().to(self._state_dtypes.get(k, v.dtype)).clone().contiguous()
+            setattr(self, k, v)
 
     def _config(self) -> dict[str, Any]:
+        return {}
+
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape each state tensor must have (checked on load: the fused epilogue trusts it)."""
         return {}
 
     def __repr__(self) -> str:
@@ -250,8 +263,8 @@ class Value(Clipper):
 
     def apply_(self, ctx: ClipContext) -> None:
         if ctx.inv_scale is not None:
-            scale_(list(ctx.grads), ctx.inv_scale)
-        clamp_(list(ctx.grads), self.clip_value)
+            scale_op_(list(ctx.grads), ctx.inv_scale, None)
+        clamp_op_(list(ctx.grads), self.clip_value, None)
 
 
 class AutoClip(Clipper):
@@ -263,6 +276,7 @@ class AutoClip(Clipper):
     """
 
     _state_keys = ("buffer", "count", "pos")
+    _state_dtypes = {"buffer": torch.float64, "count": torch.int64, "pos": torch.int64}
 
     def __init__(self, percentile: float = 10, history: int = 1000) -> None:
         p = _check_nonneg(percentile, "AutoClip: percentile")
@@ -278,6 +292,9 @@ class AutoClip(Clipper):
 
     def _config(self) -> dict[str, Any]:
         return {"percentile": self.percentile, "history": self.history}
+
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"buffer": (self.history,), "count": (), "pos": ()}
 
     def state_dict(self) -> dict[str, Any]:
         self._ensure(torch.device("cpu"))
@@ -329,6 +346,7 @@ class ZClip(Clipper):
     """
 
     _state_keys = ("buffer", "seen", "mean", "var")
+    _state_dtypes = {"buffer": torch.float64, "seen": torch.int64, "mean": torch.float64, "var": torch.float64}
 
     def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25, *,
                  eps: float = 1e-6, max_norm: float | None = None, mode: str = "adaptive") -> None:
@@ -353,6 +371,9 @@ class ZClip(Clipper):
     def _config(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "z_thresh": self.z_thresh, "warmup": self.warmup,
                 "eps": self.eps, "max_norm": self.max_norm, "mode": self.mode}
+
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"buffer": (self.warmup,), "seen": (), "mean": (), "var": ()}
 
     def state_dict(self) -> dict[str, Any]:
         self._ensure(torch.device("cpu"))

@@ -1,0 +1,288 @@
+"""The guard: one step's statistics, decisions and clipping, shared by :func:`fastgrad.wrap` and :func:`fastgrad.attach`.
+
+A step goes through four stages, each one call:
+
+1. collect: the parameters with a gradient and their names (:class:`~fastgrad.optim.names.ParamIndex`);
+2. statistics: one :func:`fastgrad.grad_stats` pass (norms and non-finite counts, plus what a
+   monitor asks for this step);
+3. decide: the epilogue (:mod:`fastgrad.optim.epilogue`): true norm, skip flag, clip
+   coefficient, clipper and spike state, counters, the folded ``grad_scale`` / ``found_inf``;
+4. apply: fold into a fused optimizer (the caller hands ``grad_scale`` / ``found_inf`` to it,
+   :mod:`fastgrad.optim.folding`), or scale the gradients by ``c / S`` in one pass
+   (:func:`fastgrad.ops.scale_op_`), or let a per-tensor / element-wise / unit-wise clipper
+   write them; then :meth:`Guard.finish` records the :class:`StepStats`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import clip as _clip
+from ..distributed import local_tensors
+from ..ops import scale_op_
+from ..spec import parse_norm_type
+from . import epilogue as _ep
+from .names import ParamIndex
+from .options import GuardOptions
+
+# The statistics function is looked up on the package at call time, so that
+# ``fastgrad.optim.grad_stats`` is the one seam to observe or replace it (tests count passes).
+_pkg = sys.modules[__package__]
+
+STATE_KEY = "fastgrad"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class StepStats:
+    """What one ``step()`` saw and did. All tensors are on the gradients' device; nothing syncs
+    until you read them.
+
+    Attributes:
+        stats: the :class:`GradStats` of the gradients as the step received them, before
+            clipping (times the GradScaler's scale when it had not unscaled them yet;
+            ``total_norm`` below is always the true norm). Includes what a monitor asked for.
+        total_norm: float64 0-d, the global ``norm_type``-norm of the true gradients before clipping.
+        clip_coef: float64 0-d global coefficient (1 = not clipped), float64 ``[T]`` per-tensor
+            coefficients (:class:`fastgrad.clip.PerTensorNorm`), or None (element-/unit-wise clippers,
+            or no clipping).
+        skipped: bool 0-d, True if the update was not applied.
+        nonfinite: bool 0-d, True if some gradient held NaN or Inf.
+        spike: bool 0-d from the spike detector, or None without one.
+        amp_scale: the GradScaler's scale the gradients still carried (float32 0-d), or None.
+    """
+
+    stats: Any
+    total_norm: torch.Tensor
+    clip_coef: torch.Tensor | None
+    skipped: torch.Tensor
+    nonfinite: torch.Tensor
+    spike: torch.Tensor | None
+    amp_scale: torch.Tensor | None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.stats.names
+
+    def nonfinite_names(self) -> list[str]:
+        """Names of the parameters whose gradient held NaN/Inf in this step (one sync)."""
+        return self.stats.nonfinite_names()
+
+
+class Plan:
+    """One step between the statistics pass and the optimizer step."""
+
+    __slots__ = ("params", "names", "stats", "result", "may_skip", "amp_scale", "clip_coef")
+
+    def __init__(self, params, names, stats, result: _ep.EpilogueResult, may_skip: bool, amp_scale) -> None:
+        self.params = params
+        self.names = names
+        self.stats = stats
+        self.result = result
+        self.may_skip = may_skip  # False: skipped is all-False by construction, never read it
+        self.amp_scale = amp_scale
+        self.clip_coef = result.coef  # per-tensor coefficients replace it (PerTensorNorm)
+
+    @property
+    def skipped(self) -> torch.Tensor:
+        return self.result.skipped
+
+    @property
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params]
+
+
+class Guard:
+    """Clipping, skipping, counters and state of one wrapped or attached optimizer."""
+
+    def __init__(self, options: GuardOptions) -> None:
+        self.options = options
+        self.clipper = options.clipper
+        self.norm_type = options.norm_type
+        self.skip_nonfinite = options.skip_nonfinite
+        self.spike_skip = options.spike_skip
+        self.monitor = options.monitor
+        self.backend = options.backend
+        self.index = ParamIndex(options.model)
+        self.state = _ep.FusedState()
+        self.epilogue_config = _ep.config_for(self.clipper, self.spike_skip, self.skip_nonfinite, self.norm_type)
+        # None: the fused epilogue where it can run, else the reference; "reference", "cpu" or
+        # "triton" force one (tests compare them)
+        self.epilogue_impl: str | None = None
+        self.last_stats: StepStats | None = None
+        self._bad: tuple[tuple[str, ...], torch.Tensor] | None = None
+        self._fused_ok: dict[torch.device, bool] = {}
+        self._stats_kwargs = {"norm_types": (self.norm_type,), "histogram": False, "backend": self.backend,
+                              **options.dist_kwargs}
+
+    @property
+    def model_names(self):
+        return self.index.model_names
+
+    # -- counters ---------------------------------------------------------------------------
+    @property
+    def counters(self) -> dict[str, torch.Tensor] | None:
+        """int64 0-d device tensors ``steps``, ``skipped_steps``, ``nonfinite_steps``, ``spike_steps``
+        (views of one buffer), or None before the first step."""
+        return self.state.counters
+
+    def ensure_counters(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return self.state.ensure(device)
+
+    # -- the statistics request -------------------------------------------------------------
+    def stats_kwargs(self) -> dict[str, Any]:
+        """:func:`fastgrad.grad_stats` arguments: ours, merged with the monitor's request for this step."""
+        req = self.monitor.stats_request() if self.monitor is not None else None
+        if not req:
+            return self._stats_kwargs
+        if not isinstance(req, dict):
+            raise TypeError(f"monitor.stats_request() must return None or a dict, got {type(req).__name__}")
+        kw = dict(self._stats_kwargs)
+        for k, v in req.items():
+            if k == "norm_types":  # ours first: total_norm / tensor_norms report it
+                extra = (v,) if isinstance(v, (int, float, str)) else tuple(v)
+                kw["norm_types"] = (self.norm_type,) + tuple(
+                    p for p in extra if parse_norm_type(p) != self.norm_type)
+            elif k in ("histogram", "groups", "backend"):
+                kw[k] = v
+            else:
+                raise ValueError(
+                    f"monitor.stats_request() asked for {k!r}; the optimizer integration passes only "
+                    "norm_types, histogram, groups and backend on to grad_stats"
+                )
+        return kw
+
+    # -- before the step --------------------------------------------------------------------
+    def prepare(self, param_groups: list[dict], amp_scale: torch.Tensor | None,
+                amp_found: torch.Tensor | None) -> Plan | None:
+        """Statistics and decisions for this step (no host sync); None if no parameter has a gradient."""
+        params, names = self.index.with_grads(param_groups)
+        if not params:
+            return None
+        stats = _pkg.grad_stats(params, names=names, **self.stats_kwargs())
+        dev = stats.raw.floats.device
+        self.state.ensure(dev)
+        bad = self._bad_counts(stats.names, dev)
+        result = self._epilogue(stats, amp_scale, amp_found, bad, (params, names), dev)
+        self._bad = (stats.names, result.bad)
+        may_skip = self.skip_nonfinite or self.spike_skip is not None or amp_found is not None
+        return Plan(params, names, stats, result, may_skip, amp_scale)
+
+    def _bad_counts(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """The per-tensor non-finite counts of the latest bad step over these names (zeros for new names)."""
+        if self._bad is not None and self._bad[1].device == device and (
+                self._bad[0] is names or self._bad[0] == names):
+            return self._bad[1]
+        return torch.zeros(len(names), dtype=torch.int64, device=device)
+
+    def _use_fused(self, device: torch.device) -> bool:
+        impl = self.epilogue_impl
+        if self.epilogue_config is None or impl == "reference":
+            return False
+        if impl is not None:
+            why = _ep.fused_why_not(device, impl)
+            if why is not None:
+                raise RuntimeError(f"fastgrad: epilogue_impl={impl!r} cannot run here: {why}")
+            return True
+        ok = self._fused_ok.get(device)
+        if ok is None:
+            ok = self._fused_ok[device] = _ep.fused_why_not(device) is None
+        return ok
+
+    def _epilogue(self, stats, amp_scale, amp_found, bad, items, device) -> _ep.EpilogueResult:
+        if self._use_fused(device):
+            return _ep.fused_epilogue(self.epilogue_config, stats, amp_scale, amp_found, clipper=self.clipper,
+                                      spike_skip=self.spike_skip, state=self.state, bad=bad,
+                                      impl=self.epilogue_impl)
+        params, names = items
+        return _ep.reference_epilogue(stats, amp_scale, amp_found, skip_nonfinite=self.skip_nonfinite,
+                                      clipper=self.clipper, spike_skip=self.spike_skip,
+                                      counters=self.state.counters, bad=bad,
+                                      ctx_items=(params, [p.grad for p in params], names))
+
+    def apply_clip(self, plan: Plan, *, fold: bool) -> torch.Tensor | None:
+        """Write what cannot be folded; return the ``grad_scale`` a fused kernel should divide by.
+
+        ``fold=True``: a folding clipper's ``c`` and the AMP scale are in the returned float32
+        0-d ``S / c`` (None if there is nothing to divide by). Otherwise the gradients are scaled
+        here by ``c / S`` in one pass, or by the clipper's own pass.
+        """
+        res = plan.result
+        if self.clipper is not None and not self.clipper.folds:
+            dev = res.total.device
+            inv = None if plan.amp_scale is None else 1.0 / plan.amp_scale.to(dev, torch.float64)
+            norms = plan.stats.tensor_norms
+            ctx = _clip.ClipContext(plan.params, plan.grads, plan.names, res.total,
+                                    norms if inv is None else norms * inv, inv, ~res.skipped & ~res.nonfinite)
+            coefs = self.clipper.apply_(ctx)
+            if coefs is not None:
+                plan.clip_coef = coefs
+            return None  # the AMP scale went into the clipper's pass
+        if fold:
+            return res.grad_scale
+        if res.coef is not None or plan.amp_scale is not None:
+            scale_op_(local_tensors(plan.grads), res.factor, self.backend)  # DTensor grads: own shards
+        return None
+
+    # -- after the step ---------------------------------------------------------------------
+    def finish(self, plan: Plan) -> StepStats:
+        res = plan.result
+        record = StepStats(plan.stats, res.total, plan.clip_coef, res.skipped, res.nonfinite, res.spike,
+                           plan.amp_scale)
+        self.last_stats = record
+        if self.monitor is not None:
+            self.monitor.record(plan.stats, clip_coef=record.clip_coef, skipped=res.skipped)
+        return record
+
+    def last_nonfinite_names(self) -> list[str]:
+        """Names of the gradients that held NaN/Inf in the most recent step that had any (one sync)."""
+        if self._bad is None:
+            return []
+        names, counts = self._bad
+        return [n for n, k in zip(names, counts.to("cpu").tolist()) if k]
+
+    # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        counters = self.state.counters or self.state.ensure(torch.device("cpu"))
+        return {
+            "version": STATE_VERSION,
+            "counters": {k: v.detach().clone() for k, v in counters.items()},
+            "clipper": None if self.clipper is None else self.clipper.state_dict(),
+            "spike_skip": None if self.spike_skip is None else self.spike_skip.state_dict(),
+        }
+
+    def check_state_dict(self, sd: Any) -> None:
+        """Raise ``ValueError`` if ``sd`` cannot be loaded; changes nothing."""
+        if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
+            raise ValueError(f"not a fastgrad optimizer state (version {STATE_VERSION}): {type(sd).__name__}")
+        counters = sd.get("counters")
+        if not isinstance(counters, dict) or not all(
+                isinstance(counters.get(k), torch.Tensor) and counters[k].numel() == 1 for k in _ep.COUNTER_KEYS):
+            raise ValueError(f"fastgrad optimizer state: 'counters' must hold 0-d tensors {_ep.COUNTER_KEYS}")
+        saved = sd.get("clipper")
+        if (saved is None) != (self.clipper is None):
+            have = "no clipper" if self.clipper is None else repr(self.clipper)
+            raise ValueError(f"the checkpoint was saved with clipper state {saved and saved.get('type')!r}, "
+                             f"this optimizer has {have}")
+        if saved is not None:
+            probe = type(self.clipper).__new__(type(self.clipper))
+            probe.__dict__.update(self.clipper.__dict__)
+            probe.load_state_dict(saved)  # validation on a throw-away copy
+        sp = sd.get("spike_skip")
+        if (sp is None) != (self.spike_skip is None):
+            raise ValueError("the checkpoint and this optimizer disagree on spike_skip")
+        if sp is not None:
+            self.spike_skip.check_state_dict(sp)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.check_state_dict(sd)
+        counts = [sd["counters"][k].detach().reshape(()).to(torch.int64) for k in _ep.COUNTER_KEYS]
+        self.state.set_counters(torch.stack(counts))
+        if self.clipper is not None:
+            self.clipper.load_state_dict(sd["clipper"])
+        if self.spike_skip is not None:
+            self.spike_skip.load_state_dict(sd["spike_skip"])

@@ -1,0 +1,74 @@
+"""Which parameters a step clips, and their names: the collector of the wrapped step.
+
+Names come, in order of preference, from the model (``model=`` or a monitor's module, read
+from the module as it is *now*: a layer added after ``wrap`` is named once its parameters
+reach the optimizer), from ``param_names`` of a group built from ``named_parameters()``,
+or from the position, ``param_groups[g][i]``. The flat list is rebuilt only when the groups
+change (``add_param_group``, a replaced ``param_groups`` list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class ModelNames:
+    """``id(parameter) -> name`` of a module, refreshed from the module when a parameter is unknown."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._by_id = self._read()
+
+    def _read(self) -> dict[int, str]:
+        return {id(q): n for n, q in self.model.named_parameters()}
+
+    def get(self, p: torch.Tensor) -> str | None:
+        name = self._by_id.get(id(p))
+        if name is None:
+            self._by_id = self._read()  # the model may have grown since
+            name = self._by_id.get(id(p))
+        return name
+
+    def foreign(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """The parameters of ``params`` that are not (now) parameters of the model."""
+        params = list(params)
+        if any(id(q) not in self._by_id for q in params):
+            self._by_id = self._read()
+        return [q for q in params if id(q) not in self._by_id]
+
+
+class ParamIndex:
+    """The flat parameter list of an optimizer's groups and their names, cached per group layout."""
+
+    def __init__(self, model: torch.nn.Module | None) -> None:
+        self.model_names = None if model is None else ModelNames(model)
+        self._key: tuple | None = None
+        self.params: list[torch.Tensor] = []
+        self.names: list[str] = []
+
+    def _refresh(self, param_groups: list[dict]) -> None:
+        key = (id(param_groups), tuple((id(g["params"]), len(g["params"])) for g in param_groups))
+        if key == self._key:
+            return
+        params, names = [], []
+        for gi, g in enumerate(param_groups):
+            given = g.get("param_names")
+            for pi, p in enumerate(g["params"]):
+                params.append(p)
+                name = None if self.model_names is None else self.model_names.get(p)
+                if name is None:
+                    name = str(given[pi]) if given is not None and pi < len(given) else f"param_groups[{gi}][{pi}]"
+                names.append(name)
+        self.params, self.names, self._key = params, names, key
+
+    def with_grads(self, param_groups: list[dict]) -> tuple[list[torch.Tensor], list[str]]:
+        """The parameters that have a gradient now, and their names (in group order)."""
+        self._refresh(param_groups)
+        ps = self.params
+        for p in ps:
+            if p.grad is None:
+                keep = [i for i, q in enumerate(ps) if q.grad is not None]
+                return [ps[i] for i in keep], [self.names[i] for i in keep]
+        return ps, self.names
