@@ -21,6 +21,7 @@ from .spec import SUPPORTED_DTYPES
 class Collected(NamedTuple):
     names: list[str]
     grads: list[torch.Tensor]
+    params: list[torch.Tensor] | None = None  # with_params=True: the parameter of each gradient
 
 
 def _is_param(t: torch.Tensor) -> bool:
@@ -41,11 +42,13 @@ def index_names(n: int) -> list[str]:
     return _index_names[:n]
 
 
-def collect(obj, names: Sequence[str] | None = None) -> Collected:
+def collect(obj, names: Sequence[str] | None = None, with_params: bool = False) -> Collected:
     """Named gradients from a Module, a tensor, or an iterable of tensors / (name, tensor) pairs.
 
     Parameters whose ``.grad`` is None are skipped (as torch does). Unnamed
-    items are called ``[i]`` after their position in ``obj``.
+    items are called ``[i]`` after their position in ``obj``. ``with_params``:
+    also the parameter each gradient belongs to (``ValueError`` for bare gradients,
+    which have none).
     """
     if isinstance(obj, torch.nn.Module):
         items: list = list(obj.named_parameters())
@@ -63,6 +66,8 @@ def collect(obj, names: Sequence[str] | None = None) -> Collected:
             raise ValueError(f"names has {len(names)} entries but {len(items)} tensors were given")
     if names is None:
         names = index_names(len(items))
+    if with_params:
+        return _collect_with_params(items, names)
     if {type(t) for t in items} <= _PLAIN:  # fast path: tensors and parameters, no pairs
         gs = [t.grad if type(t) is not torch.Tensor or (t.requires_grad and t.is_leaf) else t
               for t in items]
@@ -85,6 +90,28 @@ def collect(obj, names: Sequence[str] | None = None) -> Collected:
             grads.append(g)
     _warn_if_empty(len(items), len(grads))
     return Collected(out_names, grads)
+
+
+def _collect_with_params(items: list, names: Sequence[str]) -> Collected:
+    out_names: list[str] = []
+    grads: list[torch.Tensor] = []
+    params: list[torch.Tensor] = []
+    for name, item in zip(names, items):
+        if type(item) is tuple and len(item) == 2 and isinstance(item[0], str):
+            name, item = item
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"{name}: expected a Tensor, got {type(item).__name__}")
+        if not _is_param(item):
+            raise ValueError(
+                f"{name}: params=True reads each gradient's parameter, but this is a gradient tensor "
+                "(not a Parameter or a leaf that requires grad); pass the module or its parameters"
+            )
+        if item.grad is not None:
+            out_names.append(name)
+            grads.append(item.grad)
+            params.append(item.detach())
+    _warn_if_empty(len(items), len(grads))
+    return Collected(out_names, grads, params)
 
 
 def _warn_if_empty(given: int, kept: int) -> None:

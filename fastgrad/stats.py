@@ -29,6 +29,8 @@ class GradStats:
             same parameter set: read it, do not write it).
         raw: the backend tables (:class:`fastgrad.spec.RawStats`).
         groups: per-group :class:`GradStats` when ``groups=`` was given (or a Module), else None.
+        params: with ``grad_stats(..., params=True)``, the same statistics of the weights, on the
+            same rows (and groups, and total): ``params.tensor_norms`` etc.; else None.
     """
 
     names: tuple[str, ...]
@@ -37,6 +39,7 @@ class GradStats:
     raw: RawStats
     groups: GradStats | None = None
     _total: GradStats | None = None
+    params: GradStats | None = None
 
     # -- per-row views ---------------------------------------------------------
     @property
@@ -110,6 +113,28 @@ class GradStats:
         if math.isinf(p):
             return self.total.norm()[0]
         return self.total.raw.floats[0, self.spec.finite_norms.index(p)]
+
+    # -- weights (grad_stats(..., params=True)) ------------------------------------------
+    def _weights(self) -> GradStats:
+        if self.params is None:
+            raise ValueError("weight statistics were not computed: call grad_stats(..., params=True)")
+        return self.params
+
+    @property
+    def param_norms(self) -> torch.Tensor:
+        """float64 ``[R]``: the L2 norm of each row's weights ``||w||``."""
+        return self._weights().norm(2.0)
+
+    @property
+    def grad_param_ratio(self) -> torch.Tensor:
+        """float64 ``[R]``: ``||g|| / ||w||`` per row (L2; the ratio AGC and LAMB use). IEEE
+        division: a zero weight norm gives +Inf (or NaN for a zero gradient too)."""
+        return self.norm(2.0) / self.param_norms
+
+    @property
+    def total_param_norm(self) -> torch.Tensor:
+        """float64 0-d: the L2 norm of all weights as one vector."""
+        return self._weights().total.norm(2.0)[0]
 
     @property
     def global_histogram(self) -> torch.Tensor | None:
@@ -243,7 +268,8 @@ def _segments(labels: list[str], device: torch.device) -> tuple[list[str], aggre
     return hit
 
 
-def build_stats(names: Sequence[str], spec: StatsSpec, res: StatsResult, labels: list[str] | None) -> GradStats:
+def build_stats(names: Sequence[str], spec: StatsSpec, res: StatsResult, labels: list[str] | None,
+                params: GradStats | None = None) -> GradStats:
     """Wrap a :class:`StatsResult` into a :class:`GradStats`, adding per-group rows if ``labels``."""
     T = len(names)
     stats_numel = res.numel[:T]
@@ -251,9 +277,21 @@ def build_stats(names: Sequence[str], spec: StatsSpec, res: StatsResult, labels:
     if labels is not None:
         device = res.raw.floats.device
         gnames, seg = _segments(labels, device)
-        groups = GradStats(tuple(gnames), spec, seg.sum(stats_numel), aggregate.aggregate(res.raw, spec, seg))
-    total = GradStats(("total",), spec, res.numel[T:], res.total)
-    return GradStats(tuple(names), spec, stats_numel, res.raw, groups, total)
+        groups = GradStats(tuple(gnames), spec, seg.sum(stats_numel), aggregate.aggregate(res.raw, spec, seg),
+                           params=None if params is None else params.groups)
+    total = GradStats(("total",), spec, res.numel[T:], res.total, params=None if params is None else params.total)
+    return GradStats(tuple(names), spec, stats_numel, res.raw, groups, total, params)
+
+
+def _split_rows(res: StatsResult, spec: StatsSpec, T: int) -> tuple[StatsResult, StatsResult]:
+    """The results of one pass over ``grads + weights`` (2T rows) as two results with their own
+    total rows (combined from the rows: the pass's own total row covers both)."""
+    out = []
+    for rows in (slice(0, T), slice(T, 2 * T)):
+        raw = RawStats(res.raw.floats[rows], res.raw.counts[rows])
+        n = res.numel[rows]
+        out.append(StatsResult(raw, torch.cat([n, n.sum().reshape(1)]), aggregate.aggregate(raw, spec, aggregate.TOTAL)))
+    return out[0], out[1]
 
 
 def compute_stats(names: Sequence[str], grads: Sequence[torch.Tensor], spec: StatsSpec, backend: str | None,
@@ -307,6 +345,7 @@ def grad_stats(
     backend: str | None = None,
     process_group=None,
     placements: distributed.PlacementsArg = None,
+    params: bool = False,
 ) -> GradStats:
     """Every statistic of a set of gradients, from one read of each gradient.
 
@@ -332,6 +371,10 @@ def grad_stats(
             ``"replicate"`` (default) or ``"duplicate"``, or a mapping / callable
             ``name -> kind``; each logical parameter is counted once
             (see :mod:`fastgrad.distributed`).
+        params: also the statistics of the weights (a Module or parameters must be given),
+            read in the same launch as the gradients: ``param_norms``, ``grad_param_ratio``,
+            ``total_param_norm`` and ``.params`` (every statistic of the weights, same rows).
+            The L2 norm is added to ``norm_types`` if absent.
 
     Returns:
         :class:`GradStats` of device tensors. Per tensor ``x`` (float64 math,
@@ -340,10 +383,19 @@ def grad_stats(
         ``floor(log2 |x|)``; ``total_norm`` is the norm of all gradients as one
         vector. No host synchronisation.
     """
-    collected = collect(tensors_or_params, names)
+    collected = collect(tensors_or_params, names, with_params=params)
     spec = make_spec(norm_types, histogram)
+    if params and 2.0 not in spec.norm_types:
+        spec = StatsSpec(spec.norm_types + (2.0,), spec.histogram)
     if groups is None and isinstance(tensors_or_params, torch.nn.Module):
         groups = "module"
     labels = group_labels(collected.names, groups)
-    res, _ = compute_stats(collected.names, collected.grads, spec, backend, process_group, placements)
-    return build_stats(collected.names, spec, res, labels)
+    if not params:
+        res, _ = compute_stats(collected.names, collected.grads, spec, backend, process_group, placements)
+        return build_stats(collected.names, spec, res, labels)
+    # the weights ride in the same launch as the gradients: one pass over 2T tensors
+    both, _ = compute_stats(collected.names * 2, collected.grads + collected.params, spec, backend,
+                            process_group, placements)
+    g_res, w_res = _split_rows(both, spec, len(collected.names))
+    weights = build_stats(collected.names, spec, w_res, labels)
+    return build_stats(collected.names, spec, g_res, labels, weights)
