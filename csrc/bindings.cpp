@@ -320,8 +320,9 @@ PYBIND11_MODULE(_C, m) {
         a.z_thresh = r[4];
         a.z_eps = r[5];
         fastgrad::step_epilogue_cpu(a);
+        return a.out_bool[0] != 0;  // skipped, for the host (CPU tensors: no device to wait for)
       },
-      "The optimizer step epilogue on small CPU state arrays (pointers; 0 = absent).");
+      "The optimizer step epilogue on small CPU state arrays (pointers; 0 = absent); returns the skip flag.");
 
 #ifdef _OPENMP
   m.attr("openmp") = true;
