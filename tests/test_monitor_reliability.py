@@ -276,3 +276,29 @@ def test_detectors_and_loggers_do_not_import_each_other():
     from fastgrad.loggers.base import RunInfo, StepRecord
     from fastgrad.records import Finding as F2, RunInfo as R2, StepRecord as S2
     assert (Finding, RunInfo, StepRecord) == (F2, R2, S2) and fastgrad.Finding is Finding
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX pids")
+def test_without_flock_the_lock_owner_is_judged_by_its_pid(tmp_path, monkeypatch):
+    import socket
+
+    import fastgrad.loggers.files as files
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(files.fcntl, "flock", no_flock)
+    lock = tmp_path / ".gradients.jsonl.lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    host = socket.gethostname()
+    lock.write_text(json.dumps({"pid": 1, "host": host, "started": "earlier"}))  # pid 1 always runs
+    with pytest.raises(RuntimeError, match="already being written by process 1, since earlier"):
+        GradMonitor(tiny(), run_dir=tmp_path)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": host, "started": "earlier"}))
+    with pytest.warns(RuntimeWarning, match="stale lock"):
+        m = GradMonitor(tiny(), run_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="already being written by this process"):
+        GradMonitor(tiny(), run_dir=tmp_path)
+    m.close()
+    assert not lock.exists()

@@ -99,6 +99,22 @@ def _describe(rec: dict | None) -> str:
     return f"{where}{host}{cmd}, since {rec.get('started', '?')}"
 
 
+def _alive_elsewhere(rec: dict) -> bool:
+    """Whether the owner ``rec`` names is another live process on this host (unknown hosts count as alive)."""
+    if rec.get("host") != socket.gethostname():
+        return True
+    pid = rec.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # POSIX only (this path needs fcntl): signal 0 checks existence
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _read(fd: int) -> dict | None:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
@@ -174,9 +190,14 @@ class FileLock:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except OSError as e:
-                        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                            raise self._refuse(_read(fd)) from None
+                        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                             raise
-                        raise self._refuse(_read(fd)) from None
+                        # A filesystem without flock: judge the recorded owner by whether it still runs.
+                        rec = _read(fd)
+                        if rec and _alive_elsewhere(rec):
+                            raise self._refuse(rec) from None
                     # The holder may have unlinked the file between our open and our flock:
                     # then we locked a dead inode and must start again on the new file.
                     try:
