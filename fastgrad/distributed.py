@@ -47,8 +47,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .aggregate import scaled_ratio, unscale
-from .spec import NAN, NEGINF, POSINF, RawStats, StatsSpec
+from . import dist_layout
+from .aggregate import TOTAL, aggregate, scaled_ratio, unscale
+from .dist_layout import RankSet
+from .spec import NAN, NEGINF, POSINF, RawStats, StatsResult, StatsSpec
 
 PLACEMENTS = ("shard", "replicate", "duplicate")
 PlacementsArg = str | Mapping[str, str] | Callable[[str], str | None] | None
@@ -60,19 +62,43 @@ _UNSCALED_MAX_P = 6.0
 
 @dataclass
 class DistPlan:
-    """How this rank's gradients enter a cross-rank reduction (built per call by :func:`plan`).
+    """How this rank's gradients enter the cross-rank reductions (built per call by :func:`plan`).
 
     Attributes:
-        group: the process group the collective runs over.
         local: the tensors this rank reads (DTensor -> its local shard).
         contributes: per row, whether this rank's piece counts (the count-once rule).
-        communicate: False when nothing needs combining (one rank, or every row replicated).
+        communicate: per-tensor rows need combining over the stage (``stage`` has several ranks
+            and some row is sharded).
+        stage: the ranks that hold the same tensors and combine rows
+            (:class:`fastgrad.dist_layout.RankSet`).
+        domain: every rank of the model; differs from ``stage`` under pipeline parallelism.
+        leader: this rank is the stage's first rank (its stage totals count across stages).
+        checked: the stage comes from a mesh, so its ranks must hold the same list (validated).
     """
 
-    group: object
     local: list[torch.Tensor]
     contributes: list[bool]
     communicate: bool
+    stage: RankSet
+    domain: RankSet
+    leader: bool
+    checked: bool
+    describe: Callable[[], list[tuple]]
+
+    @property
+    def group(self):
+        """The process group the per-tensor rows are combined over (the stage)."""
+        return self.stage.group()
+
+    @property
+    def cross(self) -> bool:
+        """Totals must cross pipeline stages (the domain is larger than the stage)."""
+        return self.domain.ranks != self.stage.ranks
+
+    @property
+    def communicate_total(self) -> bool:
+        """The total norm needs a collective (rows sharded, or stages to combine)."""
+        return self.communicate or self.cross
 
     def mask(self, device: torch.device) -> torch.Tensor | None:
         """bool ``[T]`` rows that count here, or None when all do."""
@@ -107,21 +133,8 @@ def _dtensor_type():
     return DTensor
 
 
-def _mesh_group(mesh):
-    """The process group spanning every rank of ``mesh``."""
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.size() == torch.distributed.get_world_size():
-        return torch.distributed.group.WORLD
-    return mesh._flatten().get_group()  # a cached sub-group of exactly the mesh's ranks
-
-
-def _as_group(process_group):
-    if process_group is None:
-        return None
-    if hasattr(process_group, "get_group") and hasattr(process_group, "ndim"):  # a DeviceMesh
-        return _mesh_group(process_group)
-    return process_group
+def _is_mesh(obj) -> bool:
+    return hasattr(obj, "get_group") and hasattr(obj, "ndim") and hasattr(obj, "mesh")
 
 
 def _user_placement(placements: PlacementsArg, name: str) -> str | None:
@@ -143,6 +156,24 @@ def _user_placement(placements: PlacementsArg, name: str) -> str | None:
     return kind
 
 
+def _dtensor_rule(name: str, placements, info) -> tuple[bool, bool]:
+    """``(counts here, sharded)`` for a DTensor: ``Replicate`` dims and the root dims its mesh does
+    not span count at coordinate 0 only; ``Shard`` dims count everywhere."""
+    keep = info.replicated_elsewhere_zero
+    sharded = False
+    for d, pl in enumerate(placements):
+        if pl.is_partial():
+            raise ValueError(
+                f"gradient of {name} is a Partial DTensor (unreduced sums); reduce it "
+                "first (e.g. .redistribute(placements=[Replicate()])) before reading stats"
+            )
+        if pl.is_replicate():
+            keep = keep and info.coordinate[d] == 0
+        else:
+            sharded = True
+    return keep, sharded
+
+
 def plan(
     names: Sequence[str],
     grads: Sequence[torch.Tensor],
@@ -151,10 +182,13 @@ def plan(
 ) -> DistPlan | None:
     """The reduction plan for ``grads``, or None when they are plain local tensors (no group).
 
-    ``process_group`` is a ``ProcessGroup``, a ``DeviceMesh`` (its ranks) or None
-    (the DTensors' mesh, if any gradient is a DTensor). ``placements`` says
-    what plain tensors are (see the module docstring) and may mark DTensors
-    ``"duplicate"``. Cheap and host-only: reads placements, never data.
+    ``process_group`` is a ``ProcessGroup``, a ``DeviceMesh`` (its ranks; a dimension named
+    ``"pp"`` makes its coordinates pipeline stages) or None (the DTensors' meshes). The stage
+    (ranks combining rows) comes from the DTensors' root meshes without their pipeline
+    dimensions, else from ``process_group``; the domain (ranks combining totals) is the union
+    of the roots and ``process_group``. ``placements`` says what plain tensors are (see the
+    module docstring) and may mark DTensors ``"duplicate"``. Host-only: reads meshes and
+    placements (cached per mesh), never data.
     """
     if process_group is None and all(type(g) is torch.Tensor for g in grads):
         return None  # the common case, decided without importing DTensor
@@ -162,53 +196,82 @@ def plan(
     if process_group is None and (DTensor is None or not any(isinstance(g, DTensor) for g in grads)):
         return None  # other tensor subclasses are local tensors
     dist = torch.distributed
-    group = _as_group(process_group)
-    mesh = None
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "fastgrad: DTensor gradients or process_group= need an initialised torch.distributed"
+        )
+    pg_stage = pg_domain = None
+    checked = False
+    if process_group is not None:
+        if _is_mesh(process_group):
+            info = dist_layout.mesh_info(process_group, as_root=True)
+            pg_stage, pg_domain, checked = info.stage, info.domain, True
+        else:
+            try:
+                member = dist.get_rank(process_group) >= 0
+            except (RuntimeError, ValueError, TypeError, AttributeError) as e:
+                raise RuntimeError(f"fastgrad: process_group is not a usable ProcessGroup or DeviceMesh ({e})") from e
+            if not member:
+                raise RuntimeError("fastgrad: this rank is not a member of process_group")
+            pg_stage = pg_domain = dist_layout.group_rank_set(process_group)
+    stage = None
+    domains = [pg_domain] if pg_domain is not None else []
     local: list[torch.Tensor] = []
-    contributes: list[bool] = []
+    contributes: list = []
     sharded = False
     for name, g in zip(names, grads):
         user = _user_placement(placements, name)
         if DTensor is not None and isinstance(g, DTensor):
-            if mesh is None:
-                mesh = g.device_mesh
-            coord = g.device_mesh.get_coordinate()
-            if coord is None:
-                raise RuntimeError(f"gradient of {name}: this rank is not in its DTensor's mesh")
-            keep = user != "duplicate"
-            sharded = sharded or not keep
-            for d, pl in enumerate(g.placements):
-                if pl.is_partial():
-                    raise ValueError(
-                        f"gradient of {name} is a Partial DTensor (unreduced sums); reduce it "
-                        "first (e.g. .redistribute(placements=[Replicate()])) before reading stats"
-                    )
-                if pl.is_replicate():
-                    keep = keep and coord[d] == 0
-                else:
-                    sharded = True
+            info = dist_layout.mesh_info(g.device_mesh)
+            if stage is None:
+                stage = info.stage
+            elif info.stage.ranks != stage.ranks:
+                raise dist_layout.LayoutError(
+                    f"fastgrad: gradient of {name} lives on a mesh whose stage is ranks {info.stage.ranks}, "
+                    f"others on {stage.ranks}: build every mesh from one root DeviceMesh (pipeline "
+                    f"dimension named {sorted(dist_layout.PIPELINE_DIM_NAMES)[0]!r})"
+                )
+            if info.domain not in domains:
+                domains.append(info.domain)
+            keep, shard = _dtensor_rule(name, g.placements, info)
+            checked = True
             local.append(g.to_local())
-            contributes.append(keep)
+            contributes.append(keep and user != "duplicate")
+            sharded = sharded or shard or user == "duplicate"
         else:
             kind = user or "replicate"
             local.append(g)
-            contributes.append(kind)  # resolved below, once the group is known
+            contributes.append(kind)  # resolved below, once the stage is known
             sharded = sharded or kind != "replicate"
-    if group is None:
-        group = _mesh_group(mesh) if mesh is not None else None
-    if group is None or not dist.is_initialized():
-        raise RuntimeError(
-            "fastgrad: DTensor gradients or process_group= need an initialised torch.distributed"
+    if stage is None:
+        stage = pg_stage
+    union = set().union(*(d.ranks for d in domains))
+    domain = next((d for d in domains if set(d.ranks) == union), None)
+    if domain is None:
+        raise dist_layout.LayoutError(
+            f"fastgrad: the gradients' meshes and process_group span different ranks ({sorted(union)} in all, "
+            "no one mesh or group covers them): build every mesh from one root DeviceMesh"
         )
-    size = dist.get_world_size(group)
-    rank0 = dist.get_rank(group) == 0
-    if dist.get_rank(group) < 0:
-        raise RuntimeError("fastgrad: this rank is not a member of process_group")
-    contributes = [
-        c if isinstance(c, bool) else (c == "shard" or (c == "replicate" and rank0))
-        for c in contributes
-    ]
-    return DistPlan(group, local, contributes, communicate=size > 1 and sharded)
+    if not set(stage.ranks) <= set(domain.ranks):
+        raise dist_layout.LayoutError("fastgrad: process_group must contain every rank of the gradients' meshes")
+    leader = dist.get_rank() == stage.ranks[0]
+    contributes = [c if isinstance(c, bool) else (c == "shard" or (c == "replicate" and leader))
+                   for c in contributes]
+    descr = lambda: _describe(names, grads, placements, DTensor)  # noqa: E731 (only built when checking)
+    return DistPlan(local, contributes, len(stage.ranks) > 1 and sharded, stage, domain, leader, checked, descr)
+
+
+def _describe(names, grads, placements, DTensor) -> list[tuple]:
+    """What must agree across a stage, per row: name, global shape (plain shards: ndim), dtype, placement."""
+    rows = []
+    for i, g in enumerate(grads):
+        name = names[i]
+        if DTensor is not None and isinstance(g, DTensor):
+            rows.append((name, tuple(g.shape), str(g.dtype), tuple(str(p) for p in g.placements)))
+        else:
+            kind = _user_placement(placements, name) or "replicate"
+            rows.append((name, g.dim() if kind == "shard" else tuple(g.shape), str(g.dtype), kind))
+    return rows
 
 
 def local_tensors(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -224,20 +287,18 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     return t
 
 
-def reduce_raw(raw: RawStats, spec: StatsSpec, plan: DistPlan) -> tuple[RawStats, torch.Tensor]:
-    """The global per-tensor tables and int64 ``[T]`` global element counts from this rank's partials.
+def _check(plan: DistPlan, kind: str, device: torch.device) -> None:
+    """Same rows on every rank of the stage, or the same :class:`~fastgrad.dist_layout.LayoutError`
+    on all of them (a fixed-size all-reduce before any collective whose size depends on the rows)."""
+    if plan.checked or kind == "rows":
+        dist_layout.check_layout(plan.stage, kind, plan.describe, device)
 
-    ``raw`` holds the tables of ``plan.local`` (same rows on every rank, same
-    order). Two all-reduces (MAX, then SUM; sizes in the module docstring), or
-    none when ``plan.communicate`` is False. Every rank gets identical results.
-    """
-    floats, counts = raw
-    device = floats.device
-    numel = plan.numel(device)
-    if not plan.communicate:
-        return raw, numel
+
+def _reduce_table(floats: torch.Tensor, counts: torch.Tensor, numel: torch.Tensor, keep: torch.Tensor | None,
+                  spec: StatsSpec, group) -> tuple[RawStats, torch.Tensor]:
+    """Rows of pieces -> rows of the whole tensors over ``group``: MAX ``[R, P+1]`` then SUM
+    ``[R, P+4+B+1]`` (rows where ``keep`` is False send zeros). Every rank gets the same result."""
     P = len(spec.finite_norms)
-    keep = plan.mask(device)
     f = torch.where(floats.isnan(), 0.0, floats)  # NaN comes back from the NaN counts
     c = counts.to(torch.float64)
     n = numel.to(torch.float64)
@@ -245,30 +306,87 @@ def reduce_raw(raw: RawStats, spec: StatsSpec, plan: DistPlan) -> tuple[RawStats
         f = torch.where(keep[:, None], f, 0.0)
         c = torch.where(keep[:, None], c, 0.0)
         n = torch.where(keep, n, 0.0)
-    top = _all_reduce(f.clone(), torch.distributed.ReduceOp.MAX, plan.group)
+    top = _all_reduce(f.clone(), torch.distributed.ReduceOp.MAX, group)
     m = top[:, :P]
-    ps = torch.tensor(spec.finite_norms, dtype=torch.float64, device=device)
+    ps = torch.tensor(spec.finite_norms, dtype=torch.float64, device=floats.device)
     ratio = scaled_ratio(f[:, :P], m) ** ps
-    packed = _all_reduce(torch.cat([ratio, c, n[:, None]], dim=1), torch.distributed.ReduceOp.SUM, plan.group)
+    packed = _all_reduce(torch.cat([ratio, c, n[:, None]], dim=1), torch.distributed.ReduceOp.SUM, group)
     norms = unscale(m, packed[:, :P], ps)
     gcounts = packed[:, P:P + counts.shape[1]].round().to(torch.int64)
     has_inf = (gcounts[:, POSINF] + gcounts[:, NEGINF] > 0)[:, None]
     norms = torch.where(has_inf, math.inf, norms)
     norms = torch.where((gcounts[:, NAN] > 0)[:, None], math.nan, norms)
-    out = RawStats(torch.cat([norms, top[:, P:]], dim=1), gcounts)
-    return out, packed[:, -1].round().to(torch.int64)
+    return RawStats(torch.cat([norms, top[:, P:]], dim=1), gcounts), packed[:, -1].round().to(torch.int64)
+
+
+def reduce_raw(raw: RawStats, spec: StatsSpec, plan: DistPlan) -> tuple[RawStats, torch.Tensor]:
+    """The stage's per-tensor tables and int64 ``[T]`` element counts from this rank's partials.
+
+    ``raw`` holds the tables of ``plan.local`` (same rows on every rank of the stage, same
+    order: checked by a fingerprint on the first call). Two all-reduces over the stage (MAX,
+    then SUM; sizes in the module docstring), or none when ``plan.communicate`` is False.
+    Every rank gets identical results.
+    """
+    device = raw.floats.device
+    numel = plan.numel(device)
+    if not plan.communicate:
+        return raw, numel
+    _check(plan, "rows", device)
+    return _reduce_table(raw.floats, raw.counts, numel, plan.mask(device), spec, plan.group)
+
+
+def reduce_stats(local: StatsResult, spec: StatsSpec, plan: DistPlan) -> StatsResult:
+    """The global :class:`StatsResult` from this rank's: rows over the stage (:func:`reduce_raw`),
+    then, under pipeline parallelism, the total row over every stage (MAX and SUM of one row
+    over the domain, from each stage's first rank). Per-tensor rows stay per stage."""
+    T = len(plan.local)
+    device = local.raw.floats.device
+    if plan.communicate:
+        raw, numel = reduce_raw(local.raw, spec, plan)
+        total, total_numel = aggregate(raw, spec, TOTAL), numel.sum().reshape(1)
+    else:
+        raw, numel, total, total_numel = local.raw, local.numel[:T], local.total, local.numel[T:]
+    if plan.cross:
+        if not plan.communicate:
+            _check(plan, "rows", device)
+        keep = _device_tensor((plan.leader,), torch.bool, device)
+        total, total_numel = _reduce_table(total.floats, total.counts, total_numel, keep, spec,
+                                           plan.domain.group())
+    elif not plan.communicate:
+        return local
+    return StatsResult(raw, torch.cat([numel, total_numel]), total)
+
+
+_cross_unscaled: dict = {}
+
+
+def _unscaled_ok(plan: DistPlan, dtypes: Sequence[torch.dtype], device: torch.device) -> bool:
+    """Whether the one-SUM total is exact: every gradient fp16/bf16/fp32. Across pipeline stages
+    the ranks hold different dtypes possibly, and all must take the same path: the first call per
+    domain agrees on it (one MAX of 1 number) and later calls reuse that answer."""
+    mine = all(dt in _UNSCALED_DTYPES for dt in dtypes)
+    if not plan.cross:
+        return mine
+    hit = _cross_unscaled.get(plan.domain.ranks)
+    if hit is None:
+        flag = torch.tensor([0.0 if mine else 1.0], dtype=torch.float64).to(device)
+        flag = _all_reduce(flag, torch.distributed.ReduceOp.MAX, plan.domain.group())
+        hit = _cross_unscaled[plan.domain.ranks] = bool(flag.item() == 0)
+    return hit
 
 
 def reduce_total_norm(raw: RawStats, p: float, plan: DistPlan, dtypes: Sequence[torch.dtype]) -> torch.Tensor:
     """float64 0-d global ``p``-norm from this rank's per-tensor tables (``StatsSpec((p,), None)``).
 
-    Rows may differ between ranks (pipeline stages): only a total crosses the
-    wire. One all-reduce of 2 float64 (MAX for ``p = inf``; SUM of unscaled
-    ``n^p`` when ``p <= 6`` and every gradient is fp16/bf16/fp32), else two
-    (MAX of the scale, then SUM). Call only when ``plan.communicate``; otherwise
-    the local total is already global.
+    Only a total crosses the wire, over the whole domain (every pipeline stage): rows may
+    differ between stages. One all-reduce of 2 float64 (MAX for ``p = inf``; SUM of unscaled
+    ``n^p`` when ``p <= 6`` and every gradient is fp16/bf16/fp32), else two (MAX of the
+    scale, then SUM). Call only when ``plan.communicate_total``; otherwise the local total is
+    already global.
     """
     floats, counts = raw
+    _check(plan, "total", floats.device)
+    group = plan.domain.group()
     keep = plan.mask(floats.device)
     col = torch.where(floats[:, 0].isnan(), 0.0, floats[:, 0])  # NaN travels as a flag
     nan = counts[:, NAN]
@@ -279,15 +397,15 @@ def reduce_total_norm(raw: RawStats, p: float, plan: DistPlan, dtypes: Sequence[
     MAX, SUM = torch.distributed.ReduceOp.MAX, torch.distributed.ReduceOp.SUM
     if math.isinf(p):
         top = col.amax() if col.numel() else col.new_zeros(())
-        buf = _all_reduce(torch.stack([top, has_nan]), MAX, plan.group)
+        buf = _all_reduce(torch.stack([top, has_nan]), MAX, group)
         return torch.where(buf[1] > 0, math.nan, buf[0])
-    if p <= _UNSCALED_MAX_P and all(dt in _UNSCALED_DTYPES for dt in dtypes):
-        buf = _all_reduce(torch.stack([col.pow(p).sum(), has_nan]), SUM, plan.group)
+    if p <= _UNSCALED_MAX_P and _unscaled_ok(plan, dtypes, floats.device):
+        buf = _all_reduce(torch.stack([col.pow(p).sum(), has_nan]), SUM, group)
         return torch.where(buf[1] > 0, math.nan, buf[0] ** (1.0 / p))
     top = col.amax() if col.numel() else col.new_zeros(())
-    head = _all_reduce(torch.stack([top, has_nan]), MAX, plan.group)
+    head = _all_reduce(torch.stack([top, has_nan]), MAX, group)
     m = head[0]
     s = scaled_ratio(col, m).pow(p).sum()
-    s = _all_reduce(s.reshape(1), SUM, plan.group)[0]
+    s = _all_reduce(s.reshape(1), SUM, group)[0]
     total = unscale(m, s, p)
     return torch.where(head[1] > 0, math.nan, total)

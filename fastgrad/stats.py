@@ -300,18 +300,15 @@ def compute_stats(names: Sequence[str], grads: Sequence[torch.Tensor], spec: Sta
     """compute -> reduce: the :class:`StatsResult` of ``grads`` (global when sharded) and their dtypes.
 
     The path of every entry point below collection: the backend pass on this
-    rank's tensors, then, for sharded gradients, the cross-rank reduction of
-    the rows (:mod:`fastgrad.distributed`) with the total row combined from them.
+    rank's tensors, then, for sharded gradients, the cross-rank reduction
+    (:func:`fastgrad.distributed.reduce_stats`): per-tensor rows over the ranks that hold
+    them (a pipeline stage), the total row over every stage.
     """
     plan = distributed.plan(names, grads, process_group, placements)
     if plan is None:
         return stats_op(grads, spec, backend, names)
     local, dtypes = stats_op(plan.local, spec, backend, names)
-    if not plan.communicate:
-        return local, dtypes
-    raw, numel = distributed.reduce_raw(local.raw, spec, plan)
-    numel = torch.cat([numel, numel.sum().reshape(1)])
-    return StatsResult(raw, numel, aggregate.aggregate(raw, spec, aggregate.TOTAL)), dtypes
+    return distributed.reduce_stats(local, spec, plan), dtypes
 
 
 def compute_total_norm(names: Sequence[str], grads: Sequence[torch.Tensor], p: float, backend: str | None,
@@ -321,16 +318,16 @@ def compute_total_norm(names: Sequence[str], grads: Sequence[torch.Tensor], p: f
     present)``, the total a float64 0-d tensor on the gradients' device, or a Python float where
     the backend reads host memory (:func:`fastgrad.dispatch.total_norm`).
 
-    Sharded gradients send only the total across ranks (2 numbers,
-    :func:`fastgrad.distributed.reduce_total_norm`): stages holding different
-    tensors can reduce together.
+    Sharded gradients send only the total across ranks (2 numbers over every rank of the
+    model, :func:`fastgrad.distributed.reduce_total_norm`): pipeline stages holding
+    different tensors reduce together.
     """
     plan = distributed.plan(names, grads, process_group, placements)
     if plan is None:
         return total_norm_op(grads, p, backend, names)
     spec = StatsSpec((p,), None)
     local, dtypes = stats_op(plan.local, spec, backend, names)
-    if plan.communicate:
+    if plan.communicate_total:
         return distributed.reduce_total_norm(local.raw, p, plan, dtypes), dtypes
     return row_norms(spec, local.total, p)[0], dtypes
 
