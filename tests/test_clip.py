@@ -251,3 +251,24 @@ def test_foreach_argument_gives_the_same_results():
         for a, b, t in zip(ours, v_base, theirs):
             assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, t.grad)
         assert any((a.grad.abs() == 0.5).any() for a in ours)
+
+
+def test_expanded_gradient_is_refused_before_anything_is_written():
+    """A gradient whose elements share memory (``expand``) cannot be scaled in place: a clear
+    RuntimeError naming it, as torch's in-place ops raise, and no gradient written."""
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(4, 3))
+    a.grad = torch.full((3,), 2.0)
+    b.grad = torch.ones(1, 3).expand(4, 3)
+    msg = (r"gradient \[1\] \(shape \(4, 3\), stride \(0, 1\)\): more than one element of the written-to "
+           r"tensor refers to a single memory location, so it cannot be scaled or clamped in place\. "
+           r"Please clone\(\) the gradient \(p\.grad = p\.grad\.clone\(\)\) first\.")
+    for backend in BACKENDS:
+        with pytest.raises(RuntimeError, match=msg):
+            fastgrad.clip_grad_norm_([a, b], 0.1, backend=backend)
+        with pytest.raises(RuntimeError, match=msg):
+            fastgrad.clip_grad_value_([a, b], 0.5, backend=backend)
+        assert torch.equal(a.grad, torch.full((3,), 2.0))
+    b.grad = b.grad.clone()  # the suggested fix works
+    fastgrad.clip_grad_value_([a, b], 0.5)
+    assert torch.equal(a.grad, torch.full((3,), 0.5))

@@ -145,11 +145,17 @@ def test_empty_inputs():
 
 @pytest.mark.parametrize(
     "bad, exc, match",
-    [([torch.ones(3, dtype=torch.int64)], TypeError, "non-floating"),
-     ([torch.ones(3, dtype=torch.complex64)], TypeError, "view_as_real"),
-     ([torch.ones(3).to_sparse()], RuntimeError, "to_dense"),
-     ([torch.ones(3), "x"], TypeError, "expected a Tensor"),
-     (42, TypeError, "iterable")],
+    [([torch.ones(3, dtype=torch.int64)], TypeError,
+      r"^gradient of \[0\] has non-floating dtype torch\.int64; fastgrad supports float16, bfloat16, float32 "
+      r"and float64$"),
+     ([torch.ones(2), torch.ones(3, dtype=torch.complex64)], TypeError,
+      r"^gradient of \[1\] has complex dtype torch\.complex64; fastgrad supports float16, bfloat16, float32 and "
+      r"float64 \(use torch\.view_as_real to read it as a float tensor\)$"),
+     ([torch.ones(3).to_sparse()], RuntimeError,
+      r"^gradient of \[0\] has layout torch\.sparse_coo; fastgrad reads dense \(strided\) gradients only: "
+      r"convert it with \.to_dense\(\) first$"),
+     ([torch.ones(3), "x"], TypeError, r"^\[1\]: expected a Tensor, got str$"),
+     (42, TypeError, r"iterable of tensors, got int$")],
 )
 def test_bad_gradients(bad, exc, match):
     with pytest.raises(exc, match=match):
