@@ -13,7 +13,6 @@ Needs ``lightning`` (or the older ``pytorch_lightning``).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 try:
@@ -25,6 +24,7 @@ except ImportError:  # the pre-2.0 package name
         raise ImportError("fastgrad.integrations.lightning needs lightning: pip install lightning") from e
 
 from ..monitor import GradMonitor
+from ._run_dir import default_run_dir
 
 
 class FastgradCallback(Callback):
@@ -33,7 +33,8 @@ class FastgradCallback(Callback):
     Args:
         monitor: a ready :class:`~fastgrad.GradMonitor` (its model should be the
             LightningModule); if None one is built at ``setup("fit")`` from ``monitor_kwargs``,
-            writing to ``run_dir`` (default ``<trainer.log_dir or default_root_dir>/fastgrad``).
+            writing to ``run_dir`` (default ``<trainer.log_dir or default_root_dir>/fastgrad``,
+            ``.../fastgrad/rank<R>`` on ranks R > 0).
         **monitor_kwargs: :class:`~fastgrad.GradMonitor` keyword arguments.
 
     The monitor is closed (flushed) at the end of ``fit`` and on exceptions;
@@ -55,7 +56,7 @@ class FastgradCallback(Callback):
         kw = dict(self._kwargs)
         if kw.get("run_dir") is None:
             base = trainer.log_dir or trainer.default_root_dir or "."
-            kw["run_dir"] = os.path.join(base, "fastgrad")
+            kw["run_dir"] = default_run_dir(base)
         self.monitor = GradMonitor(pl_module, **kw)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:

@@ -20,7 +20,6 @@ Needs ``transformers``.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 try:
@@ -29,6 +28,7 @@ except ImportError as e:
     raise ImportError("fastgrad.integrations.transformers needs transformers: pip install transformers") from e
 
 from ..monitor import GradMonitor
+from ._run_dir import default_run_dir
 
 
 class FastgradTrainerCallback(TrainerCallback):
@@ -54,7 +54,7 @@ class FastgradTrainerCallback(TrainerCallback):
                 raise RuntimeError("FastgradTrainerCallback: the Trainer passed no model to on_train_begin")
             kw = dict(self._kwargs)
             if kw.get("run_dir") is None:
-                kw["run_dir"] = os.path.join(args.output_dir or ".", "fastgrad")
+                kw["run_dir"] = default_run_dir(args.output_dir or ".")
             self.monitor = GradMonitor(model, **kw)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
