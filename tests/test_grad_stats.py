@@ -219,3 +219,73 @@ def test_empty_input_warns_saying_why():
         fastgrad.grad_stats([p])
     with pytest.raises(TypeError, match="got int"):
         fastgrad.grad_stats(42)
+
+
+# -- GradStats views, to_dict and summary pinned (mutation survivors) ------------------------------
+
+
+def _rows():
+    xs = [torch.tensor([3.0, -4.0, 0.0]), torch.tensor([float("nan"), 1.0]), torch.tensor([-0.5, float("-inf")]),
+          torch.tensor([0.25, 0.0, 0.0, 0.0]), torch.tensor([2.0 ** -70])]
+    return fastgrad.grad_stats(xs, names=["a", "b", "c", "d", "e"], norm_types=(1, 2, "inf"), histogram=(-8, 4))
+
+
+def test_to_dict_keys_and_values():
+    d = _rows().to_dict()
+    assert list(d) == ["a", "b", "c", "d", "e"]
+    a = d["a"]
+    assert set(a) == {"numel", "norm", "norm_2", "norm_inf", "max_abs", "nan", "posinf", "neginf", "zero",
+                      "histogram"}
+    assert (a["numel"], a["norm"], a["norm_2"], a["norm_inf"], a["max_abs"]) == (3, 7.0, 5.0, 4.0, 4.0)
+    assert (a["nan"], a["posinf"], a["neginf"], a["zero"]) == (0, 0, 0, 1)
+    # 14 bins: [0] below 2^-8, [k] = [2^(k-9), 2^(k-8)) for k = 1..12, [13] at or above 2^4
+    assert a["histogram"] == [0] * 10 + [1, 1, 0, 0]  # 3 in [2, 4), 4 in [4, 8)
+    assert d["d"]["histogram"] == [0] * 7 + [1] + [0] * 6  # 0.25 in [2^-2, 2^-1)
+    b = d["b"]
+    assert math.isnan(b["norm"]) and math.isnan(b["norm_2"]) and math.isnan(b["norm_inf"])
+    assert b["max_abs"] == 1.0 and b["nan"] == 1
+    c = d["c"]
+    assert c["norm"] == c["norm_2"] == c["norm_inf"] == c["max_abs"] == math.inf and c["neginf"] == 1
+    assert d["e"]["histogram"][0] == 1 and d["e"]["norm"] == 2.0 ** -70
+    s = fastgrad.grad_stats([torch.ones(2)], norm_types=("inf", 2), histogram=False).to_dict()["[0]"]
+    assert s["norm"] == 1.0 and s["norm_2"] == pytest.approx(math.sqrt(2), rel=1e-15) and "histogram" not in s
+
+
+def test_summary_table_rows_sorting_and_truncation():
+    s = _rows()
+    lines = s.summary().splitlines()
+    assert lines[0].split() == ["name", "numel", "norm", "max_abs", "nan", "inf", "zeros"]
+    total = lines[1].split()
+    assert total[0] == "total" and total[1] == "12" and total[2] == "nan" and total[4:] == ["1", "1", "4"]
+    assert [line.split()[0] for line in lines[2:]] == ["a", "b", "c", "d", "e"]
+    a = lines[2].split()
+    assert a[1:] == ["3", f"{7.0:.4e}", f"{4.0:.3e}", "0", "0", "1"]
+    by_norm = [line.split()[0] for line in s.summary(sort_by_norm=True).splitlines()[2:]]
+    assert by_norm == ["b", "c", "a", "d", "e"]  # NaN first, then largest norm first
+    cut = s.summary(max_rows=2).splitlines()
+    assert [line.split()[0] for line in cut[2:4]] == ["a", "b"] and cut[4] == "... 3 more rows" and len(cut) == 5
+    assert len(s.summary(max_rows=5).splitlines()) == 7
+    m = tiny_model()
+    g = fastgrad.grad_stats(m).summary().splitlines()
+    assert [line.split()[0] for line in g[2:]] == ["0", "2.0", "2.1"]  # groups, when there are groups
+
+
+def test_views_without_histogram_and_group_argument_errors():
+    s = fastgrad.grad_stats([torch.ones(2)], histogram=False)
+    assert s.histogram is None and s.hist_spec is None and s.global_histogram is None
+    assert s.norm_type == 2.0 and s.total.names == ("total",) and s.total.numel.tolist() == [2]
+    with pytest.raises(ValueError, match=r"norm 1\.0 was not computed; pass norm_types including it"):
+        s.norm(1)
+    xs, names = [torch.ones(1)] * 2, ["a.b", "c"]
+    with pytest.raises(TypeError, match="groups must be"):
+        fastgrad.grad_stats(xs, names=names, groups=True)
+    with pytest.raises(ValueError, match="groups depth must be >= 1, got 0"):
+        fastgrad.grad_stats(xs, names=names, groups=0)
+    with pytest.raises(ValueError, match="the only string accepted is 'module'"):
+        fastgrad.grad_stats(xs, names=names, groups="layers")
+    with pytest.raises(ValueError, match="groups has 1 labels for 2 gradients"):
+        fastgrad.grad_stats(xs, names=names, groups=["x"])
+    assert fastgrad.stats.module_group("layers.3.attn.weight") == "layers.3.attn"
+    assert fastgrad.stats.module_group("weight") == "weight"
+    assert fastgrad.stats.group_labels(["a.b.c", "d"], 2) == ["a.b", "d"]
+    assert fastgrad.stats.group_labels(["a", "b"], None) is None
