@@ -75,7 +75,7 @@ def new_guard(config: str, impl: str) -> Guard:
 
 def outputs(plan) -> dict:
     r = plan.result
-    return {k: (None if v is None else v.clone()) for k, v in r._asdict().items()}
+    return {k: (None if v is None else v.clone()) for k, v in r.as_dict().items()}
 
 
 def run(config: str, impl: str, reload_at: int | None = None):

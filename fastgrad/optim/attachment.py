@@ -73,9 +73,10 @@ class Attachment:
                 d.pop("grad_scale", None)
                 if grad_scale is not None:
                     opt.grad_scale = grad_scale
-                if plan.may_skip:
-                    opt.found_inf = plan.result.found_inf
-            elif plan.may_skip and bool(plan.skipped):  # the one host read
+                found_inf = plan.found_inf()
+                if found_inf is not None:
+                    opt.found_inf = found_inf
+            elif plan.may_skip and plan.skipped_on_host():  # the one host read
                 # a hook cannot cancel step(): hide the gradients instead. torch's optimizers
                 # leave parameters without .grad (and their state and step counts) untouched.
                 self._hidden = [(p, p.grad) for p in plan.params]

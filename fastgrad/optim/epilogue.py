@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 
 from .. import clip as _clip
@@ -54,7 +52,11 @@ CLIP_NONE, CLIP_GLOBAL, CLIP_AUTO, CLIP_Z = range(4)  # csrc/cpu/step_epilogue_c
 COUNTER_KEYS = ("steps", "skipped_steps", "nonfinite_steps", "spike_steps")
 
 
-class EpilogueResult(NamedTuple):
+_F64_FIELDS = ("total", "coef", "factor")
+_FLAG_FIELDS = ("skipped", "nonfinite", "spike")
+
+
+class EpilogueResult:
     """One step's decisions (device tensors; nothing read on the host).
 
     total: float64 0-d true global norm. coef: float64 0-d clip coefficient, or None (no
@@ -62,18 +64,49 @@ class EpilogueResult(NamedTuple):
     skipped, nonfinite: bool 0-d. spike: bool 0-d, or None without SpikeSkip. grad_scale:
     float32 0-d ``S / c`` (``S`` without a coefficient), or None when there is nothing to divide
     by. found_inf: float32 0-d ``skipped``. bad: int64 ``[T]`` per-tensor non-finite counts of
-    the latest non-finite step.
+    the latest non-finite step. host_skipped: ``skipped`` as a Python bool when the decision was
+    made on the host (the C++ epilogue on CPU tensors), else None.
+
+    The fused epilogue writes the six values into two small tensors; the 0-d views above are
+    made on first access (a step that nobody inspects makes none: each is a host-side op).
     """
 
-    total: torch.Tensor
-    coef: torch.Tensor | None
-    factor: torch.Tensor
-    skipped: torch.Tensor
-    nonfinite: torch.Tensor
-    spike: torch.Tensor | None
-    grad_scale: torch.Tensor | None
-    found_inf: torch.Tensor
-    bad: torch.Tensor
+    __slots__ = ("_f64", "_flags", "_views", "has_coef", "has_spike", "grad_scale", "found_inf", "bad",
+                 "host_skipped")
+
+    def __init__(self, f64, flags, *, has_coef, has_spike, grad_scale, found_inf, bad, host_skipped=None,
+                 views=None):
+        self._f64, self._flags, self._views = f64, flags, views
+        self.has_coef, self.has_spike = has_coef, has_spike
+        self.grad_scale, self.found_inf, self.bad, self.host_skipped = grad_scale, found_inf, bad, host_skipped
+
+    @classmethod
+    def of(cls, total, coef, factor, skipped, nonfinite, spike, grad_scale, found_inf, bad) -> EpilogueResult:
+        """From separate tensors (the reference)."""
+        views = {"total": total, "coef": coef, "factor": factor, "skipped": skipped, "nonfinite": nonfinite,
+                 "spike": spike}
+        return cls(None, None, has_coef=coef is not None, has_spike=spike is not None, grad_scale=grad_scale,
+                   found_inf=found_inf, bad=bad, views=views)
+
+    def _view(self, name: str):
+        if self._views is None:
+            self._views = {**dict(zip(_F64_FIELDS, self._f64.unbind())),
+                           **dict(zip(_FLAG_FIELDS, self._flags.unbind()))}
+            if not self.has_coef:
+                self._views["coef"] = None
+            if not self.has_spike:
+                self._views["spike"] = None
+        return self._views[name]
+
+    total = property(lambda self: self._view("total"))
+    coef = property(lambda self: self._view("coef"))
+    factor = property(lambda self: self._view("factor"))
+    skipped = property(lambda self: self._view("skipped"))
+    nonfinite = property(lambda self: self._view("nonfinite"))
+    spike = property(lambda self: self._view("spike"))
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in (*_F64_FIELDS, *_FLAG_FIELDS, "grad_scale", "found_inf", "bad")}
 
 
 @dataclass(frozen=True)
@@ -175,7 +208,8 @@ def reference_epilogue(stats, amp_scale: torch.Tensor | None, amp_found: torch.T
         factor = coef if inv is None else coef * inv
         s = 1.0 if amp_scale is None else amp_scale.to(coef.device, torch.float64)
         grad_scale = (s / coef).to(torch.float32)  # the fused kernels read grad_scale as float32
-    return EpilogueResult(total, coef, factor, skip, nonfinite, spike, grad_scale, skip.to(torch.float32), bad)
+    return EpilogueResult.of(total, coef, factor, skip, nonfinite, spike, grad_scale, skip.to(torch.float32),
+                             bad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,15 +268,16 @@ def _run(total_row, total_counts, tensor_counts, bad, amp_scale, amp_found, coun
         else:
             cl = [t.data_ptr() for t in clip] + [0] * (5 - len(clip))
         sp = [t.data_ptr() for t in spike] if spike else [0, 0, 0]
-        _C.step_epilogue(
+        host_skipped = _C.step_epilogue(
             [total_row.data_ptr(), total_counts.data_ptr(), tensor_counts.data_ptr(), bad.data_ptr(),
              _ptr(amp_scale), _ptr(amp_found), counters.data_ptr(), *sp, *cl,
              out_f64.data_ptr(), out_bool.data_ptr(), fold_out.data_ptr()],
             ints, (reals_list if reals_list is not None else reals.tolist())[:6])  # the C++ needs no eps/len
     else:
+        host_skipped = None  # on the device: reading it would wait for the stream
         _triton().step_epilogue(total_row, total_counts, tensor_counts, bad, amp_scale, amp_found, counters,
                                 spike, clip, out_f64, out_bool, fold_out, tuple(ints), reals)
-    return out_f64, out_bool
+    return out_f64, out_bool, host_skipped
 
 
 @torch.library.custom_op("fastgrad::step_epilogue",
@@ -256,7 +291,7 @@ def _step_epilogue_op(
     """``(float64 [3] (total, coef, factor), bool [3] (skipped, nonfinite, spike))``; state,
     counters, ``bad`` and ``fold_out`` (float32 [2]: grad_scale, found_inf) updated in place."""
     return _run(total_row, total_counts, tensor_counts, bad, amp_scale, amp_found, counters, spike, clip,
-                fold_out, ints, reals, None, None)
+                fold_out, ints, reals, None, None)[:2]
 
 
 @_step_epilogue_op.register_fake
@@ -277,6 +312,7 @@ class FusedState:
         self.counters: dict[str, torch.Tensor] | None = None
         self.fold: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._reals: dict[torch.device, torch.Tensor] = {}
+        self.binding: tuple | None = None  # the CPU call's fixed part (see _cpu_binding)
 
     def ensure(self, device: torch.device) -> dict[str, torch.Tensor]:
         if self.buffer is None:
@@ -289,6 +325,7 @@ class FusedState:
         self.buffer = buffer
         self.counters = dict(zip(COUNTER_KEYS, buffer.unbind()))
         self.fold = None
+        self.binding = None
 
     def fold_out(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.fold is None or self.fold[0].device != device:
@@ -324,6 +361,10 @@ def fused_epilogue(cfg: EpilogueConfig, stats, amp_scale: torch.Tensor | None, a
     """:func:`reference_epilogue` in one call (see the module docstring): the custom op while
     compiling, its implementation directly in eager mode. ``state.ensure(device)`` must have run."""
     total = stats.total.raw
+    if impl is None and amp_scale is None and amp_found is None and not torch.compiler.is_compiling():
+        fast = _cpu_fast(cfg, stats, total, clipper, spike_skip, state, bad)
+        if fast is not None:
+            return fast
     dev = total.floats.device
     total_row, total_counts = total.floats, total.counts  # [1, P + 1], [1, C]: pointers, no views
     counts = stats.raw.counts
@@ -341,14 +382,75 @@ def fused_epilogue(cfg: EpilogueConfig, stats, amp_scale: torch.Tensor | None, a
         out_f64, out_bool = torch.ops.fastgrad.step_epilogue(
             total_row, total_counts, counts, bad, amp_scale, amp_found, state.buffer, spike, clip, fold, ints,
             state.reals(cfg, dev))
+        host_skipped = None
     else:
         use_cpu = (impl or dev.type) == "cpu"
-        out_f64, out_bool = _run(total_row, total_counts, counts, bad, amp_scale, amp_found, state.buffer, spike,
-                                 clip, fold, ints, None if use_cpu else state.reals(cfg, dev),
-                                 cfg.reals if use_cpu else None, impl)
-    total_norm, coef, factor = out_f64.unbind()
-    skipped, nonfinite, spike_flag = out_bool.unbind()
+        out_f64, out_bool, host_skipped = _run(
+            total_row, total_counts, counts, bad, amp_scale, amp_found, state.buffer, spike, clip, fold, ints,
+            None if use_cpu else state.reals(cfg, dev), cfg.reals if use_cpu else None, impl)
     has_coef = cfg.kind != CLIP_NONE
-    return EpilogueResult(total_norm, coef if has_coef else None, factor, skipped, nonfinite,
-                          spike_flag if spike_skip is not None else None,
-                          grad_scale if (has_coef or amp_scale is not None) else None, found_inf, bad)
+    return EpilogueResult(out_f64, out_bool, has_coef=has_coef, has_spike=spike_skip is not None,
+                          grad_scale=grad_scale if (has_coef or amp_scale is not None) else None,
+                          found_inf=found_inf, bad=bad, host_skipped=host_skipped)
+
+
+def _state_now(clipper, spike_skip) -> tuple:
+    """The state tensors as they are now (identity decides whether the cached pointers still hold)."""
+    sp = () if spike_skip is None else (spike_skip.buffer, spike_skip.count, spike_skip.pos)
+    cl = tuple(getattr(clipper, k, None) for k in getattr(clipper, "_state_keys", ()))
+    return sp + cl
+
+
+def _cpu_binding(cfg, clipper, spike_skip, state: FusedState):
+    """The fixed part of the C++ call for CPU state: pointers of counters, spike and clipper state
+    and the fold buffer, rebuilt only when one of those tensors was replaced (first step, a load,
+    a move)."""
+    now = _state_now(clipper, spike_skip)
+    b = state.binding
+    if b is not None and b[0] is state.buffer and len(b[1]) == len(now) and all(
+            x is y for x, y in zip(b[1], now)):
+        return b
+    cpu = torch.device("cpu")
+    if state.buffer is None or state.buffer.device != cpu:
+        return None
+    spike, clip = _state_lists(cfg, clipper, spike_skip, cpu)
+    if clip and cfg.kind == CLIP_Z:
+        cl = [clip[0].data_ptr(), clip[1].data_ptr(), 0, clip[2].data_ptr(), clip[3].data_ptr()]
+    else:
+        cl = [t.data_ptr() for t in clip] + [0] * (5 - len(clip))
+    sp = [t.data_ptr() for t in spike] if spike else [0, 0, 0]
+    fold, grad_scale, found_inf = state.fold_out(cpu)
+    mid = [state.buffer.data_ptr(), *sp, *cl]
+    ints = [-1 if cfg.inf_norm else 0, int(cfg.skip_nonfinite), cfg.spike_window, cfg.kind, cfg.clip_len,
+            int(cfg.z_adaptive)]
+    state.binding = (state.buffer, _state_now(clipper, spike_skip), mid, fold.data_ptr(), grad_scale, found_inf,
+                     ints, cfg.reals[:6])
+    return state.binding
+
+
+def _cpu_fast(cfg, stats, total, clipper, spike_skip, state: FusedState, bad) -> EpilogueResult | None:
+    """The eager CPU call without a GradScaler, with its fixed part cached: the common step's host
+    cost is the C++ call, two small allocations and a few pointer reads. None: take the general path."""
+    floats = total.floats
+    if not floats.is_cpu or _C is None:
+        return None
+    b = _cpu_binding(cfg, clipper, spike_skip, state)
+    if b is None:
+        return None
+    counts = stats.raw.counts
+    stride = counts.stride()
+    if stride[-1] != 1:
+        return None
+    _, _, mid, fold_ptr, grad_scale, found_inf, ints, reals = b
+    out_f64 = torch.empty(3, dtype=torch.float64)
+    out_bool = torch.empty(3, dtype=torch.bool)
+    norm_col, skip_nf, window, kind, clip_len, z_adaptive = ints
+    host_skipped = _C.step_epilogue(
+        [floats.data_ptr(), total.counts.data_ptr(), counts.data_ptr(), bad.data_ptr(), 0, 0, *mid,
+         out_f64.data_ptr(), out_bool.data_ptr(), fold_ptr],
+        [norm_col, floats.shape[-1] - 1, counts.shape[0], stride[0], ZERO, skip_nf, window, kind, clip_len,
+         z_adaptive], reals)
+    has_coef = kind != CLIP_NONE
+    return EpilogueResult(out_f64, out_bool, has_coef=has_coef, has_spike=spike_skip is not None,
+                          grad_scale=grad_scale if has_coef else None, found_inf=found_inf, bad=bad,
+                          host_skipped=host_skipped)

@@ -16,7 +16,6 @@ A step goes through four stages, each one call:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,10 +36,9 @@ STATE_KEY = "fastgrad"
 STATE_VERSION = 1
 
 
-@dataclass(frozen=True, eq=False)
 class StepStats:
     """What one ``step()`` saw and did. All tensors are on the gradients' device; nothing syncs
-    until you read them.
+    until you read them. Read-only.
 
     Attributes:
         stats: the :class:`GradStats` of the gradients as the step received them, before
@@ -54,15 +52,39 @@ class StepStats:
         nonfinite: bool 0-d, True if some gradient held NaN or Inf.
         spike: bool 0-d from the spike detector, or None without one.
         amp_scale: the GradScaler's scale the gradients still carried (float32 0-d), or None.
+
+    The 0-d tensors are views of the fused epilogue's outputs, made when first read.
     """
 
-    stats: Any
-    total_norm: torch.Tensor
-    clip_coef: torch.Tensor | None
-    skipped: torch.Tensor
-    nonfinite: torch.Tensor
-    spike: torch.Tensor | None
-    amp_scale: torch.Tensor | None
+    __slots__ = ("_stats", "_result", "_clip_coef", "_amp_scale")
+    _UNSET = object()
+
+    def __init__(self, stats, result: _ep.EpilogueResult, clip_coef: Any = _UNSET, amp_scale=None) -> None:
+        object.__setattr__(self, "_stats", stats)
+        object.__setattr__(self, "_result", result)
+        object.__setattr__(self, "_clip_coef", clip_coef)
+        object.__setattr__(self, "_amp_scale", amp_scale)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"StepStats is read-only (tried to set {name!r})")
+
+    def __getstate__(self) -> dict[str, Any]:  # copy / pickle
+        return {k: getattr(self, k) for k in StepStats.__slots__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+
+    stats = property(lambda self: self._stats)
+    amp_scale = property(lambda self: self._amp_scale)
+    total_norm = property(lambda self: self._result.total)
+    skipped = property(lambda self: self._result.skipped)
+    nonfinite = property(lambda self: self._result.nonfinite)
+    spike = property(lambda self: self._result.spike)
+
+    @property
+    def clip_coef(self) -> torch.Tensor | None:
+        return self._result.coef if self._clip_coef is StepStats._UNSET else self._clip_coef
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -71,6 +93,11 @@ class StepStats:
     def nonfinite_names(self) -> list[str]:
         """Names of the parameters whose gradient held NaN/Inf in this step (one sync)."""
         return self.stats.nonfinite_names()
+
+    def __repr__(self) -> str:
+        return (f"StepStats(names={len(self.names)} tensors, total_norm={self.total_norm}, "
+                f"clip_coef={self.clip_coef}, skipped={self.skipped}, nonfinite={self.nonfinite}, "
+                f"spike={self.spike})")
 
 
 class Plan:
@@ -85,11 +112,26 @@ class Plan:
         self.result = result
         self.may_skip = may_skip  # False: skipped is all-False by construction, never read it
         self.amp_scale = amp_scale
-        self.clip_coef = result.coef  # per-tensor coefficients replace it (PerTensorNorm)
+        self.clip_coef = StepStats._UNSET  # per-tensor coefficients replace it (PerTensorNorm)
 
     @property
     def skipped(self) -> torch.Tensor:
         return self.result.skipped
+
+    def skipped_on_host(self) -> bool:
+        """The skip decision as a Python bool: free when the epilogue ran on the host (CPU
+        tensors), else one read of a 0-d device flag (a sync, as GradScaler's)."""
+        hs = self.result.host_skipped
+        return bool(self.result.skipped) if hs is None else hs
+
+    def found_inf(self) -> torch.Tensor | None:
+        """What a fused optimizer's ``found_inf`` should be: the device flag, or, when the decision
+        is on the host, the flag only on a skipped step (torch's kernels then skip the
+        ``found_inf`` bookkeeping of applied steps), or None when nothing can skip."""
+        if not self.may_skip:
+            return None
+        hs = self.result.host_skipped
+        return self.result.found_inf if hs is None or hs else None
 
     @property
     def grads(self) -> list[torch.Tensor]:
@@ -230,12 +272,10 @@ class Guard:
 
     # -- after the step ---------------------------------------------------------------------
     def finish(self, plan: Plan) -> StepStats:
-        res = plan.result
-        record = StepStats(plan.stats, res.total, plan.clip_coef, res.skipped, res.nonfinite, res.spike,
-                           plan.amp_scale)
+        record = StepStats(plan.stats, plan.result, plan.clip_coef, plan.amp_scale)
         self.last_stats = record
         if self.monitor is not None:
-            self.monitor.record(plan.stats, clip_coef=record.clip_coef, skipped=res.skipped)
+            self.monitor.record(plan.stats, clip_coef=record.clip_coef, skipped=record.skipped)
         return record
 
     def last_nonfinite_names(self) -> list[str]:

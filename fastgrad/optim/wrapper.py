@@ -188,8 +188,8 @@ class FastgradOptimizer(torch.optim.Optimizer):
             folded_step(self.optimizer, amp_scale if self._folds else None, amp_found if self._folds else None)
         elif self._folds:
             grad_scale = guard.apply_clip(plan, fold=True)
-            folded_step(self.optimizer, grad_scale, plan.result.found_inf if plan.may_skip else None)
-        elif not (plan.may_skip and bool(plan.skipped)):  # the one host read, as GradScaler's
+            folded_step(self.optimizer, grad_scale, plan.found_inf())
+        elif not (plan.may_skip and plan.skipped_on_host()):  # the one host read, as GradScaler's
             guard.apply_clip(plan, fold=False)
             self.optimizer.step()
         if plan is not None:
