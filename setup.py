@@ -143,7 +143,9 @@ ext_modules = [
 ]
 want_cuda, why_not_cuda = _want_cuda()
 if want_cuda:
-    ext_modules.append(Pybind11Extension("fastgrad._cuda", ["csrc/cuda/bindings_cuda.cpp"], cxx_std=17))
+    # include_dirs: csrc/common/plain_reader.h, the plain-tensor reader shared with _C
+    ext_modules.append(Pybind11Extension("fastgrad._cuda", ["csrc/cuda/bindings_cuda.cpp"], include_dirs=["csrc"],
+                                         cxx_std=17))
 else:
     print(f"fastgrad: not building the CUDA backend: {why_not_cuda}")
 

@@ -1,14 +1,18 @@
 // pybind11 module fastgrad._C: the CPU kernels, called with raw pointers.
 // The Python side (fastgrad/backends/cpu.py) checks dtypes, devices and
-// layouts and allocates the outputs; nothing here includes torch. The one
-// exception is grad_stats_list, which reads the few attributes it needs from
-// the tensors' Python objects itself (see there).
+// layouts and allocates the outputs; nothing here includes torch. The
+// exceptions are the *_list functions and describe_plain, which read the few
+// attributes they need from the tensors' Python objects themselves
+// (csrc/common/plain_reader.h, shared with fastgrad._cuda).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
+#include "common/plain_reader.h"
 #include "cpu/tensor_view.h"
 
 namespace fastgrad {
@@ -24,115 +28,18 @@ using Ints = std::vector<int64_t>;
 
 namespace {
 
-// Calls a no-argument method (or reads an attribute) of a Python object; null on error.
-PyObject* call0(PyObject* obj, PyObject* name) {
-  PyObject* args[] = {obj};
-  return PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
-}
-
-// One plain tensor as read from its Python object.
-struct PlainMeta {
-  int64_t ptr, numel;
-  int code;  // dtype code 0..3 (fastgrad/backends/cpu.py DTYPE_CODES)
-};
-
-// The metadata of a list of tensors read straight from their Python objects,
-// in one pass: for thousands of small gradients, reading each tensor's
-// metadata once here (instead of one Python pass per property) is most of
-// what a statistics call costs. Only the plain case is taken: every item
-// exactly a `tensor_type`, strided, contiguous, of one of the four `dtypes`,
-// with its values in its memory (not a negated view, not a forward-mode AD
-// zero tensor, which has no memory), and all on the CPU (cuda false) or all
-// on one CUDA device (cuda true; its index goes to *device). Returns false, with no Python error set, for
-// anything else: the caller then takes its general path, which also says
-// what is wrong with the input.
-bool read_plain_tensors(const py::list& tensors, py::handle tensor_type, const py::tuple& dtype_objs,
-                        py::handle strided, bool cuda, std::vector<PlainMeta>& out, int& dtype_mask,
-                        int* device = nullptr) {
-  // A snapshot holding its own references: the attribute reads below may run
-  // Python code (a TorchFunctionMode, say) that changes the caller's list.
-  const py::tuple items = py::reinterpret_steal<py::tuple>(PySequence_Tuple(tensors.ptr()));
-  if (!items) {
-    PyErr_Clear();
-    return false;
-  }
-  PyObject* dtypes[4];
-  for (int c = 0; c < 4; ++c) dtypes[c] = dtype_objs[c].ptr();
-  static PyObject* s_is_cpu = PyUnicode_InternFromString("is_cpu");
-  static PyObject* s_is_cuda = PyUnicode_InternFromString("is_cuda");
-  static PyObject* s_get_device = PyUnicode_InternFromString("get_device");
-  static PyObject* s_layout = PyUnicode_InternFromString("layout");
-  static PyObject* s_dtype = PyUnicode_InternFromString("dtype");
-  static PyObject* s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
-  static PyObject* s_numel = PyUnicode_InternFromString("numel");
-  static PyObject* s_data_ptr = PyUnicode_InternFromString("data_ptr");
-  static PyObject* s_is_neg = PyUnicode_InternFromString("is_neg");
-  const Py_ssize_t T = PyTuple_GET_SIZE(items.ptr());
-  out.resize(size_t(T));
-  dtype_mask = 0;
-  long long first_device = -1;
-  for (Py_ssize_t i = 0; i < T; ++i) {
-    PyObject* t = PyTuple_GET_ITEM(items.ptr(), i);
-    if (Py_TYPE(t) != (PyTypeObject*)tensor_type.ptr()) return false;
-    PyObject* r = PyObject_GetAttr(t, cuda ? s_is_cuda : s_is_cpu);
-    bool ok = r == Py_True;
-    Py_XDECREF(r);
-    if (ok && cuda) {
-      r = call0(t, s_get_device);
-      const long long dev = r ? PyLong_AsLongLong(r) : -1;
-      Py_XDECREF(r);
-      if (i == 0) first_device = dev;
-      ok = dev >= 0 && dev == first_device;
-    }
-    if (ok) {
-      r = PyObject_GetAttr(t, s_layout);
-      ok = r == strided.ptr();
-      Py_XDECREF(r);
-    }
-    int code = -1;
-    if (ok) {
-      r = PyObject_GetAttr(t, s_dtype);
-      for (int c = 0; c < 4; ++c)
-        if (r == dtypes[c]) code = c;
-      Py_XDECREF(r);
-      ok = code >= 0;
-    }
-    if (ok) {
-      r = call0(t, s_is_contiguous);
-      ok = r == Py_True;
-      Py_XDECREF(r);
-    }
-    if (ok) {
-      r = call0(t, s_is_neg);
-      ok = r == Py_False;
-      Py_XDECREF(r);
-    }
-    long long numel = -1, ptr = 0;
-    if (ok) {
-      r = call0(t, s_numel);
-      numel = r ? PyLong_AsLongLong(r) : -1;
-      Py_XDECREF(r);
-      r = call0(t, s_data_ptr);
-      ptr = r ? PyLong_AsLongLong(r) : 0;
-      Py_XDECREF(r);
-      ok = numel >= 0 && (ptr != 0 || numel == 0) && !PyErr_Occurred();
-    }
-    if (!ok) {
-      PyErr_Clear();
-      return false;
-    }
-    out[size_t(i)] = {ptr, numel, code};
-    dtype_mask |= 1 << code;
-  }
-  if (device) *device = int(first_device);
-  return true;
-}
+using fastgrad_reader::PlainMeta;
+using fastgrad_reader::read_plain_tensors;
 
 // The CPU kernels' descriptors of plain CPU tensors (see read_plain_tensors).
+// With `disjoint` (in-place ops), false also when two tensors share memory: the
+// general path then applies them in list order (see in_list_order).
 bool read_plain_cpu_tensors(const py::list& tensors, py::handle tensor_type, const py::tuple& dtype_objs,
-                            py::handle strided, std::vector<fastgrad::TensorDesc>& descs, int& dtype_mask) {
+                            py::handle strided, std::vector<fastgrad::TensorDesc>& descs, int& dtype_mask,
+                            bool disjoint = false) {
   std::vector<PlainMeta> meta;
   if (!read_plain_tensors(tensors, tensor_type, dtype_objs, strided, false, meta, dtype_mask)) return false;
+  if (disjoint && !fastgrad_reader::overlap_layers(fastgrad_reader::plain_spans(meta)).empty()) return false;
   descs.resize(meta.size());
   for (size_t i = 0; i < meta.size(); ++i) {
     fastgrad::TensorDesc& d = descs[i];
@@ -144,6 +51,32 @@ bool read_plain_cpu_tensors(const py::list& tensors, py::handle tensor_type, con
     d.strides[0] = 1;
   }
   return true;
+}
+
+// Runs an in-place op over `descs` so that tensors sharing memory are applied in
+// list order (csrc/common/plain_reader.h, overlap_layers): the kernels split
+// their work over threads, which would otherwise read and write a shared
+// element concurrently. One call when no two tensors overlap.
+template <typename Op>
+void in_list_order(const std::vector<fastgrad::TensorDesc>& descs, Op&& op) {
+  std::vector<std::pair<int64_t, int64_t>> spans(descs.size());
+  for (size_t i = 0; i < descs.size(); ++i) {
+    const fastgrad::TensorDesc& d = descs[i];
+    int64_t lo = 0, hi = 0;
+    for (int k = 0; k < d.ndim; ++k) (d.strides[k] < 0 ? lo : hi) += (d.sizes[k] - 1) * d.strides[k];
+    const int64_t base = reinterpret_cast<int64_t>(d.data);
+    spans[i] = d.numel == 0 ? std::make_pair(base, base)
+                            : std::make_pair(base + lo * d.itemsize(), base + (hi + 1) * d.itemsize());
+  }
+  const std::vector<int> layer = fastgrad_reader::overlap_layers(spans);
+  if (layer.empty()) return op(descs);
+  const int layers = *std::max_element(layer.begin(), layer.end()) + 1;
+  for (int k = 0; k < layers; ++k) {
+    std::vector<fastgrad::TensorDesc> part;
+    for (size_t i = 0; i < descs.size(); ++i)
+      if (layer[i] == k) part.push_back(descs[i]);
+    op(part);
+  }
 }
 
 }  // namespace
@@ -196,31 +129,9 @@ PYBIND11_MODULE(_C, m) {
       "into tables of T + 1 rows (row T: the total) and the int64 [T + 1] element counts. Returns the "
       "bit mask of the dtype codes seen, or 0 (and computes nothing) when some tensor is not of that kind.");
 
-  m.def(
-      "describe_plain",
-      [](py::list tensors, py::handle tensor_type, py::tuple dtypes, py::handle strided, bool cuda,
-         int64_t out_meta) {
-        std::vector<PlainMeta> meta;
-        int mask = 0, device = -1;
-        if (!read_plain_tensors(tensors, tensor_type, dtypes, strided, cuda, meta, mask, &device))
-          return py::tuple(py::make_tuple(0, -1, int64_t(0)));
-        // out_meta: int64 [3 T] = pointers, element counts, dtype codes. The
-        // hash (FNV-1a over counts and codes) keys the caller's plan cache.
-        int64_t* o = reinterpret_cast<int64_t*>(out_meta);
-        const size_t T = meta.size();
-        uint64_t h = 1469598103934665603ull;
-        for (size_t i = 0; i < T; ++i) {
-          o[i] = meta[i].ptr;
-          o[T + i] = meta[i].numel;
-          o[2 * T + i] = meta[i].code;
-          h = (h ^ uint64_t(meta[i].numel)) * 1099511628211ull;
-          h = (h ^ uint64_t(meta[i].code)) * 1099511628211ull;
-        }
-        return py::tuple(py::make_tuple(mask, device, int64_t(h >> 1)));
-      },
-      "Read plain contiguous tensors' metadata (all on the CPU, or all on one CUDA device with cuda) "
-      "into the int64 [3 T] buffer at out_meta: pointers, element counts, dtype codes. Returns (dtype "
-      "mask, CUDA device index, hash of counts and codes), or (0, -1, 0) when some tensor is not plain.");
+  m.def("describe_plain", &fastgrad_reader::describe_plain, py::arg("tensors"), py::arg("tensor_type"),
+        py::arg("dtypes"), py::arg("strided"), py::arg("cuda"), py::arg("out_meta"), py::arg("disjoint") = false,
+        fastgrad_reader::kDescribePlainDoc);
 
   m.def(
       "scale_list",
@@ -232,13 +143,13 @@ PYBIND11_MODULE(_C, m) {
         if (coef == 1.0) return true;
         std::vector<fastgrad::TensorDesc> descs;
         int mask = 0;
-        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask)) return false;
+        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask, true)) return false;
         py::gil_scoped_release nogil;
         fastgrad::scale_cpu(descs, coef, num_threads);
         return true;
       },
       "scale_ for a list of plain contiguous CPU tensors (see grad_stats_list); false, touching "
-      "nothing, when some tensor is not of that kind.");
+      "nothing, when some tensor is not of that kind or two tensors share memory.");
 
   m.def(
       "clamp_list",
@@ -246,13 +157,13 @@ PYBIND11_MODULE(_C, m) {
          int num_threads) {
         std::vector<fastgrad::TensorDesc> descs;
         int mask = 0;
-        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask)) return false;
+        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask, true)) return false;
         py::gil_scoped_release nogil;
         fastgrad::clamp_cpu(descs, lo, hi, num_threads);
         return true;
       },
       "clamp_ for a list of plain contiguous CPU tensors (see grad_stats_list); false, touching "
-      "nothing, when some tensor is not of that kind.");
+      "nothing, when some tensor is not of that kind or two tensors share memory.");
 
   m.def(
       "scale_",
@@ -261,9 +172,10 @@ PYBIND11_MODULE(_C, m) {
         auto descs = fastgrad::make_descs(ptrs, dtypes, numels, layout, dims);
         const double coef = *reinterpret_cast<const double*>(coef_ptr);
         py::gil_scoped_release nogil;
-        fastgrad::scale_cpu(descs, coef, num_threads);
+        in_list_order(descs, [&](const std::vector<fastgrad::TensorDesc>& d) { fastgrad::scale_cpu(d, coef, num_threads); });
       },
-      "x *= *coef_ptr (a float64) for every tensor; returns at once when the coefficient is 1.");
+      "x *= *coef_ptr (a float64) for every tensor, in list order where tensors share memory; returns at once "
+      "when the coefficient is 1.");
 
   m.def(
       "clamp_",
@@ -271,9 +183,9 @@ PYBIND11_MODULE(_C, m) {
          double lo, double hi, int num_threads) {
         auto descs = fastgrad::make_descs(ptrs, dtypes, numels, layout, dims);
         py::gil_scoped_release nogil;
-        fastgrad::clamp_cpu(descs, lo, hi, num_threads);
+        in_list_order(descs, [&](const std::vector<fastgrad::TensorDesc>& d) { fastgrad::clamp_cpu(d, lo, hi, num_threads); });
       },
-      "x = clamp(x, lo, hi) for every tensor, NaN kept.");
+      "x = clamp(x, lo, hi) for every tensor, NaN kept, in list order where tensors share memory.");
 
   // The optimizer step's epilogue (csrc/cpu/step_epilogue_cpu.cpp; order of the three lists:
   // fastgrad/optim/epilogue.py, _cpu_epilogue).

@@ -7,11 +7,13 @@
 // Grid: one block per work item. A work item is a chunk of kChunk elements
 // of one tensor (chunks never cross tensors); the item table (tensor id,
 // first element) is built once per parameter set by the Python side and
-// cached on the device, so a call launches a fixed number of kernels
+// cached on the device (fastgrad/backends/chunk_plan.py; item_range[t] holds
+// tensor t's first and past-the-end item), so a call launches a fixed number of kernels
 // whatever the number of tensors:
 //   1. cudaMemsetAsync of the int64 counts table,
-//   2. stats_kernel: each block reads its chunk once (16-byte vector loads
-//      when the chunk is aligned) and writes its own partial slot — per
+//   2. stats_kernel: each block reads its chunk once (16-byte vector loads,
+//      after a scalar prologue up to the first 16-byte boundary when the
+//      chunk's base is misaligned) and writes its own partial slot — per
 //      requested p a pair (s, m) with norm^p = m^p * s, then max|x| — and
 //      adds its NaN/Inf/zero counts and histogram to the tensor's row with
 //      integer atomics (exact and order-free). Inside the block every thread
@@ -122,6 +124,16 @@ __device__ double block_reduce(double v, double* scratch) {  // scratch: kNumWar
   return scratch[kNumWarps];
 }
 
+// Values before the first 16-byte boundary at or after p (at most n; fewer than
+// 16 / sizeof(T)), or -1 when p is not even aligned to its element size.
+template <typename T>
+__device__ __forceinline__ int64_t head_to_boundary(const T* p, int64_t n) {
+  const unsigned mis = unsigned(reinterpret_cast<uintptr_t>(p) & 15u);
+  if (mis % sizeof(T) != 0) return -1;
+  const int64_t head = int64_t(((16u - mis) & 15u) / sizeof(T));
+  return head < n ? head : n;
+}
+
 // One thread's share of a chunk: sums, max and byte counts. T: the stored
 // type; C: float, or double for float64.
 template <typename T>
@@ -156,30 +168,43 @@ struct ChunkPass {
     }
   }
 
+  // A chunk's base may sit anywhere (a gradient view into a DDP bucket or an
+  // FSDP flat buffer at an odd offset): the first `head` values up to the
+  // 16-byte boundary are read one per thread, then 16-byte vectors, then the
+  // tail. The split is block-uniform (one chunk, one pointer).
   __device__ void run(const T* p, int64_t n) {
     constexpr int V = 16 / int(sizeof(T));
-    int64_t done = 0;
-    if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {  // block-uniform: one chunk, one pointer
-      const int64_t nvec = n / V;
-      const uint4* pv = reinterpret_cast<const uint4*>(p);
-      // Two 16-byte loads in flight per thread before either is processed.
-      for (int64_t k = threadIdx.x; k < nvec; k += 2 * kThreads) {
-        const bool second = k + kThreads < nvec;
-        uint4 raw[2];
-        raw[0] = __ldg(pv + k);
-        if (second) raw[1] = __ldg(pv + k + kThreads);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (h == 1 && !second) break;
-          const T* vals = reinterpret_cast<const T*>(&raw[h]);
-#pragma unroll
-          for (int j = 0; j < V; ++j) value(vals[j]);
-          end_vector();
-        }
+    const int64_t head = head_to_boundary(p, n);
+    if (head < 0) {  // not even element-aligned: values one by one
+      for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+        value(p[i]);
+        end_vector();
       }
-      done = nvec * V;
+      return;
     }
-    for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
+    if (threadIdx.x < head) {
+      value(p[threadIdx.x]);
+      end_vector();
+    }
+    const T* body = p + head;
+    const int64_t nvec = (n - head) / V;
+    const uint4* pv = reinterpret_cast<const uint4*>(body);
+    // Two 16-byte loads in flight per thread before either is processed.
+    for (int64_t k = threadIdx.x; k < nvec; k += 2 * kThreads) {
+      const bool second = k + kThreads < nvec;
+      uint4 raw[2];
+      raw[0] = __ldg(pv + k);
+      if (second) raw[1] = __ldg(pv + k + kThreads);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (h == 1 && !second) break;
+        const T* vals = reinterpret_cast<const T*>(&raw[h]);
+#pragma unroll
+        for (int j = 0; j < V; ++j) value(vals[j]);
+        end_vector();
+      }
+    }
+    for (int64_t i = head + nvec * V + threadIdx.x; i < n; i += kThreads) {
       value(p[i]);
       end_vector();
     }
@@ -212,7 +237,7 @@ __device__ void stats_chunk(const StatsArgs& a, int64_t w, int t, const T* p, in
   unsigned long long* total_row = a.counts + a.num_tensors * a.ncounts;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int r = warp; r < rows; r += kWarps) {
-    unsigned int c = 0;  // unsigned dp4a: counter bytes reach 129 (128 vector values + 1 tail value)
+    unsigned int c = 0;  // unsigned dp4a: counter bytes reach 130 (head + 128 vector values + tail)
     for (int k = lane; k < kThreads / 4; k += 32) c = __dp4a(counter_words[r * (kThreads / 4) + k], 0x01010101u, c);
     for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
     if (lane == 0) {
@@ -331,14 +356,14 @@ __device__ void total_row(const double* out, int T, const NormList& norms, doubl
 }
 
 __global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const double* partials,
-                                                                     const int64_t* first_item, int T,
+                                                                     const int64_t* item_range, int T,
                                                                      NormList norms, double* out,
                                                                      unsigned int* done) {
   const int np = norms.np;
   const int t = blockIdx.x * kCombineWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (t < T) {
-    const int64_t w0 = first_item[t], w1 = first_item[t + 1];
+    const int64_t w0 = item_range[2 * t], w1 = item_range[2 * t + 1];
     const int stride = 2 * np + 1;
     double* o = out + int64_t(t) * (np + 1);
     double mx = 0.0;
@@ -402,24 +427,27 @@ __device__ __forceinline__ __half apply(const Op& op, __half v) {
   return f != f ? v : __float2half_rn(op(f));
 }
 
-// x = op(x) over one chunk, 16 bytes at a time when the chunk is aligned.
+// x = op(x) over one chunk: the values before the first 16-byte boundary one
+// per thread, then 16 bytes at a time, then the tail (see ChunkPass::run).
 template <typename T, typename Op>
 __device__ void apply_chunk(T* p, int64_t n, const Op& op) {
   constexpr int V = 16 / int(sizeof(T));
-  int64_t done = 0;
-  if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {
-    const int64_t nvec = n / V;
-    uint4* pv = reinterpret_cast<uint4*>(p);
-    for (int64_t k = threadIdx.x; k < nvec; k += kThreads) {
-      uint4 raw = pv[k];
-      T* vals = reinterpret_cast<T*>(&raw);
-#pragma unroll
-      for (int j = 0; j < V; ++j) vals[j] = apply(op, vals[j]);
-      pv[k] = raw;
-    }
-    done = nvec * V;
+  const int64_t head = head_to_boundary(p, n);
+  if (head < 0) {
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) p[i] = apply(op, p[i]);
+    return;
   }
-  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) p[i] = apply(op, p[i]);
+  if (threadIdx.x < head) p[threadIdx.x] = apply(op, p[threadIdx.x]);
+  const int64_t nvec = (n - head) / V;
+  uint4* pv = reinterpret_cast<uint4*>(p + head);
+  for (int64_t k = threadIdx.x; k < nvec; k += kThreads) {
+    uint4 raw = pv[k];
+    T* vals = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < V; ++j) vals[j] = apply(op, vals[j]);
+    pv[k] = raw;
+  }
+  for (int64_t i = head + nvec * V + threadIdx.x; i < n; i += kThreads) p[i] = apply(op, p[i]);
 }
 
 template <typename Op>
@@ -457,7 +485,8 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const int64_t* ptrs, co
   apply_item(ptrs, dtypes, numels, item_tensor, item_begin, ScaleOp{c});
 }
 
-__global__ void __launch_bounds__(kThreads) clamp_kernel(const int64_t* ptrs, const int32_t* dtypes,
+// Three blocks per SM: at the default (four) ptxas spills on sm_80 (tests/test_cuda_build.py checks).
+__global__ void __launch_bounds__(kThreads, 3) clamp_kernel(const int64_t* ptrs, const int32_t* dtypes,
                                                          const int64_t* numels, const int32_t* item_tensor,
                                                          const int64_t* item_begin, double lo, double hi) {
   apply_item(ptrs, dtypes, numels, item_tensor, item_begin, ClampOp{lo, hi});
@@ -495,7 +524,7 @@ void reserve_stats_smem(size_t dynamic) {
 // (rows, the total row, then the combine kernel's ticket counter).
 // Grid dimension x holds up to 2^31-1 blocks: 2^31 chunks of 2^16 elements is far beyond any tensor.
 void launch_stats(int64_t ptrs, int64_t dtypes, int64_t numels, int64_t item_tensor, int64_t item_begin,
-                  int64_t first_item, int64_t num_items, int64_t num_tensors, const std::vector<double>& ps,
+                  int64_t item_range, int64_t num_items, int64_t num_tensors, const std::vector<double>& ps,
                   bool hist, int min_exp, int max_exp, int64_t partials, int64_t out_floats,
                   int64_t out_counts, int64_t stream_handle) {
   if (ps.size() > size_t(kMaxNorms)) throw std::invalid_argument("fastgrad CUDA: at most 8 norm types");
@@ -529,7 +558,7 @@ void launch_stats(int64_t ptrs, int64_t dtypes, int64_t numels, int64_t item_ten
   // Also for T == 0: one block writes the (zero) total row.
   const unsigned blocks = unsigned(std::max<int64_t>((num_tensors + kCombineWarps - 1) / kCombineWarps, 1));
   combine_kernel<<<blocks, 32 * kCombineWarps, 0, stream>>>(
-      a.partials, reinterpret_cast<const int64_t*>(first_item), int(num_tensors), norms,
+      a.partials, reinterpret_cast<const int64_t*>(item_range), int(num_tensors), norms,
       reinterpret_cast<double*>(out_floats), reinterpret_cast<unsigned int*>(a.counts + count_words));
   check(cudaGetLastError(), "combine_kernel");
 }

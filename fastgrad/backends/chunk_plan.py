@@ -119,6 +119,11 @@ class ChunkPlan:
         self.max_tables = max_tables
         self.pinned = False
 
+    # The CUDA kernels' names for the same tables.
+    item_tensor = property(lambda self: self.item_row)
+    item_begin = property(lambda self: self.item_start)
+    dtypes = property(lambda self: self.codes)
+
     def table(self, values: Sequence[int], capturing: bool = False) -> torch.Tensor:
         """``values`` as an int64 tensor on the plan's device, reused while they repeat.
 

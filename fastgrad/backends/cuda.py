@@ -3,10 +3,18 @@
 Per call: a pinned host array of the gradients' data pointers is copied to
 the device without blocking (the caching host allocator keeps it alive until
 the copy has run), and three launches do the rest (memset, stats, combine;
-see csrc/cuda/grad_stats_cuda.cu), the total row included. The work-item table — (tensor id, first
-element) for every chunk — depends only on the tensors' sizes and dtypes and
-is built once and cached on the device. Nothing here reads device memory on
-the host: no synchronisation.
+see csrc/cuda/grad_stats_cuda.cu), the total row included. The work-item
+table — (tensor id, first element) for every chunk — depends only on the
+tensors' sizes and dtypes and is built once and cached on the device
+(:mod:`fastgrad.backends.chunk_plan`, shared with the Triton backend). Nothing
+here reads device memory on the host: no synchronisation. This module needs
+nothing from the CPU extension: ``fastgrad._cuda`` carries its own copy of
+the plain-tensor reader.
+
+In-place ops over tensors that share memory (``[x, x]``, overlapping views of
+one buffer) run in list order, one launch per layer of disjoint tensors
+(:func:`fastgrad.backends._layout.overlap_layers`): one launch over all of
+them would race.
 
 Layouts: tensors that are dense in some dimension order are read flat in
 memory order; other strided views are copied with ``.contiguous()`` first for
@@ -18,12 +26,12 @@ from __future__ import annotations
 import torch
 
 from ..spec import DTYPE_CODES, DTYPES_BY_CODE, RawStats, StatsResult, StatsSpec
-from ._layout import dense_in_some_order
+from ._layout import dense_in_some_order, overlap_layers
 from .base import empty_result
-from .cpu import _C  # _C reads plain tensors' metadata (see stats_plain)
+from .chunk_plan import ChunkPlan, PlanCache
 
 try:
-    from .. import _cuda
+    from .. import _cuda  # also holds the plain-tensor reader (csrc/common/plain_reader.h)
 
     LOAD_ERROR: str | None = None
 except ImportError as e:
@@ -35,78 +43,35 @@ except ImportError as e:
 
 MAX_NORMS = 8
 
-
-class _Plan:
-    """Device tables for one (device, sizes, dtypes) parameter set."""
-
-    def __init__(self, device: torch.device, n: torch.Tensor, codes: torch.Tensor, chunk: int):
-        # n, codes: int64 [T] on the CPU
-        self.host_key = torch.cat([n, codes])  # what a cached plan is checked against
-        per = (n + chunk - 1) // chunk  # chunks per tensor (0 for empty tensors)
-        first = torch.zeros(len(n) + 1, dtype=torch.int64)
-        first[1:] = per.cumsum(0)
-        items = int(first[-1])
-        tensor_of_item = torch.repeat_interleave(torch.arange(len(n), dtype=torch.int32), per)
-        begin = (torch.arange(items, dtype=torch.int64) - first[:-1].repeat_interleave(per)) * chunk
-        self.num_items = items
-        self.num_tensors = len(n)
-        self.numels = n.to(device)
-        # GradStats.numel of every call with this plan: shared, never written
-        self.numels_and_total = torch.cat([n, n.sum().reshape(1)]).to(device)
-        self.dtypes = codes.to(torch.int32).to(device)
-        self.first_item = first.to(device)
-        self.item_tensor = tensor_of_item.to(device)
-        self.item_begin = begin.to(device)
+# Chunk plans (fastgrad/backends/chunk_plan.py), one group in call order, per (device, stream):
+# the caching allocator only keeps a freed block away from other work queued on the stream
+# that allocated it, so a plan evicted while a kernel on another stream still reads it would
+# be unsafe.
+PLANS = PlanCache(max_plans=32)
 
 
-_plans: dict = {}
-
-
-# Plans are cached per stream as well: the caching allocator only keeps a freed
-# block away from other work queued on the stream that allocated it, so a plan
-# evicted while a kernel on another stream still reads it would be unsafe.
-
-
-def _plan(device: torch.device, tensors) -> _Plan:
+def _plan(device: torch.device, tensors) -> ChunkPlan:
     _check_not_capturing(device)
-    numels = tuple(t.numel() for t in tensors)
-    codes = tuple(DTYPE_CODES[t.dtype] for t in tensors)
-    key = (device, _stream(device), numels, codes)
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _cache(key, _Plan(device, torch.tensor(numels, dtype=torch.int64),
-                                 torch.tensor(codes, dtype=torch.int64), _cuda.chunk_size()))
-    return plan
+    return PLANS.get(device, _stream(device), _cuda.chunk_size(), [t.numel() for t in tensors],
+                     [DTYPE_CODES[t.dtype] for t in tensors])
 
 
-def _cache(key, plan: _Plan) -> _Plan:
-    if len(_plans) >= 32:  # parameter sets change rarely; keep the cache bounded
-        _plans.clear()
-    _plans[key] = plan
-    return plan
+def _plan_from_meta(device: torch.device, meta: torch.Tensor, T: int, key_hash: int) -> ChunkPlan:
+    """The plan of a parameter set read by ``_cuda.describe_plain`` (``meta``: pointers, counts, codes)."""
+    return PLANS.get_by_hash(device, _stream(device), _cuda.chunk_size(), meta, T, key_hash)
 
 
-def _plan_from_meta(device: torch.device, meta: torch.Tensor, T: int, key_hash: int) -> _Plan:
-    """The plan of a parameter set read by ``_C.describe_plain`` (``meta``: pointers, counts, codes)."""
-    key = (device, _stream(device), T, key_hash)
-    plan = _plans.get(key)
-    if plan is None or not torch.equal(plan.host_key, meta[T:]):
-        plan = _cache(key, _Plan(device, meta[T : 2 * T].clone(), meta[2 * T :].clone(), _cuda.chunk_size()))
-    return plan
-
-
-def _read_plain(tensors: list):
+def _read_plain(tensors: list, disjoint: bool = False):
     """``(device, plan, device pointer table, dtype mask)`` for plain contiguous tensors on one
-    CUDA device, read by one C++ pass (``fastgrad._C.describe_plain``) into a pinned buffer, the
-    plan found by a hash of sizes and dtypes (checked against the cached copy): O(1) Python work
-    per call whatever the tensor count. None for anything else."""
-    if _C is None:
-        return None
+    CUDA device, read by one C++ pass (``_cuda.describe_plain``, csrc/common/plain_reader.h) into a
+    pinned buffer, the plan found by a hash of sizes and dtypes (checked against the cached copy):
+    O(1) Python work per call whatever the tensor count. None for anything else, and with
+    ``disjoint`` (in-place ops) also when two tensors share memory."""
     T = len(tensors)
     _check_not_capturing(tensors[0].device)
     meta = torch.empty(3 * T, dtype=torch.int64, pin_memory=True)  # pointers, numels, dtype codes
-    mask, dev, key_hash = _C.describe_plain(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, True,
-                                            meta.data_ptr())
+    mask, dev, key_hash = _cuda.describe_plain(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, True,
+                                               meta.data_ptr(), disjoint)
     if not mask:
         return None
     device = torch.device("cuda", dev)
@@ -163,7 +128,7 @@ class CudaBackend:
     def stats_plain(self, tensors: list, spec: StatsSpec):
         """``(StatsResult, dtype_mask)`` as :meth:`stats` for plain contiguous tensors on one CUDA device, or None.
 
-        One C++ pass (``fastgrad._C.describe_plain``) reads every tensor's
+        One C++ pass (``fastgrad._cuda.describe_plain``) reads every tensor's
         pointer, size and dtype into a pinned buffer; the plan is found by a
         hash of the sizes and dtypes (checked against the cached copy), so
         the host does O(1) Python work per call whatever the tensor count.
@@ -176,30 +141,30 @@ class CudaBackend:
 
     def scale_plain_(self, tensors: list, coef: torch.Tensor) -> bool:
         """:meth:`scale_` for plain contiguous tensors on one CUDA device; False (nothing written) otherwise."""
-        read = _read_plain(tensors)
+        read = _read_plain(tensors, disjoint=True)
         if read is None:
             return False
         device, plan, ptrs, _ = read
         coef = coef.to(device, torch.float64)
         with torch.cuda.device(device):
-            _cuda.scale_(ptrs.data_ptr(), plan.dtypes.data_ptr(), plan.numels.data_ptr(),
-                         plan.item_tensor.data_ptr(), plan.item_begin.data_ptr(), plan.num_items,
+            _cuda.scale_(ptrs.data_ptr(), plan.codes.data_ptr(), plan.numels.data_ptr(),
+                         plan.item_row.data_ptr(), plan.item_start.data_ptr(), plan.num_items,
                          coef.data_ptr(), _stream(device))
         return True
 
     def clamp_plain_(self, tensors: list, clip_value: float) -> bool:
         """:meth:`clamp_` for plain contiguous tensors on one CUDA device; False (nothing written) otherwise."""
-        read = _read_plain(tensors)
+        read = _read_plain(tensors, disjoint=True)
         if read is None:
             return False
         device, plan, ptrs, _ = read
         with torch.cuda.device(device):
-            _cuda.clamp_(ptrs.data_ptr(), plan.dtypes.data_ptr(), plan.numels.data_ptr(),
-                         plan.item_tensor.data_ptr(), plan.item_begin.data_ptr(), plan.num_items,
+            _cuda.clamp_(ptrs.data_ptr(), plan.codes.data_ptr(), plan.numels.data_ptr(),
+                         plan.item_row.data_ptr(), plan.item_start.data_ptr(), plan.num_items,
                          -clip_value, clip_value, _stream(device))
         return True
 
-    def _launch_stats(self, device, plan: _Plan, ptrs: torch.Tensor, spec: StatsSpec):
+    def _launch_stats(self, device, plan: ChunkPlan, ptrs: torch.Tensor, spec: StatsSpec):
         ps = list(spec.finite_norms)
         if len(ps) > MAX_NORMS:
             raise ValueError(f"the CUDA backend computes at most {MAX_NORMS} finite norm types at once")
@@ -211,8 +176,8 @@ class CudaBackend:
         h = spec.histogram
         with torch.cuda.device(device):
             _cuda.stats(
-                ptrs.data_ptr(), plan.dtypes.data_ptr(), plan.numels.data_ptr(), plan.item_tensor.data_ptr(),
-                plan.item_begin.data_ptr(), plan.first_item.data_ptr(), plan.num_items, plan.num_tensors,
+                ptrs.data_ptr(), plan.codes.data_ptr(), plan.numels.data_ptr(), plan.item_row.data_ptr(),
+                plan.item_start.data_ptr(), plan.item_range.data_ptr(), plan.num_items, plan.num_tensors,
                 ps, h is not None, h.min_exp if h else 0, h.max_exp if h else 1,
                 partials.data_ptr(), floats.data_ptr(), count_buf.data_ptr(), _stream(device),
             )
@@ -224,6 +189,12 @@ class CudaBackend:
         return flat, other
 
     def scale_(self, tensors, coef: torch.Tensor) -> None:
+        """``x *= coef``; tensors sharing memory in list order (``_layout.overlap_layers``)."""
+        layers = overlap_layers(tensors)
+        if layers is not None:
+            for idx in layers:
+                self.scale_([tensors[i] for i in idx], coef)
+            return
         flat, other = self._split(tensors)
         if other:
             torch._foreach_mul_(other, coef)
@@ -233,11 +204,17 @@ class CudaBackend:
         plan = _plan(device, flat)
         coef = coef.to(device, torch.float64)
         with torch.cuda.device(device):
-            _cuda.scale_(_pointers(device, flat).data_ptr(), plan.dtypes.data_ptr(), plan.numels.data_ptr(),
-                         plan.item_tensor.data_ptr(), plan.item_begin.data_ptr(), plan.num_items,
+            _cuda.scale_(_pointers(device, flat).data_ptr(), plan.codes.data_ptr(), plan.numels.data_ptr(),
+                         plan.item_row.data_ptr(), plan.item_start.data_ptr(), plan.num_items,
                          coef.data_ptr(), _stream(device))
 
     def clamp_(self, tensors, clip_value: float) -> None:
+        """``x = clamp(x, -clip_value, clip_value)``; tensors sharing memory in list order."""
+        layers = overlap_layers(tensors)
+        if layers is not None:
+            for idx in layers:
+                self.clamp_([tensors[i] for i in idx], clip_value)
+            return
         flat, other = self._split(tensors)
         for t in other:
             t.clamp_(-clip_value, clip_value)
@@ -246,8 +223,8 @@ class CudaBackend:
         device = flat[0].device
         plan = _plan(device, flat)
         with torch.cuda.device(device):
-            _cuda.clamp_(_pointers(device, flat).data_ptr(), plan.dtypes.data_ptr(), plan.numels.data_ptr(),
-                         plan.item_tensor.data_ptr(), plan.item_begin.data_ptr(), plan.num_items,
+            _cuda.clamp_(_pointers(device, flat).data_ptr(), plan.codes.data_ptr(), plan.numels.data_ptr(),
+                         plan.item_row.data_ptr(), plan.item_start.data_ptr(), plan.num_items,
                          -clip_value, clip_value, _stream(device))
 
 
