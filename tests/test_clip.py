@@ -272,3 +272,73 @@ def test_expanded_gradient_is_refused_before_anything_is_written():
     b.grad = b.grad.clone()  # the suggested fix works
     fastgrad.clip_grad_value_([a, b], 0.5)
     assert torch.equal(a.grad, torch.full((3,), 0.5))
+
+
+def test_nonfinite_error_lists_twenty_gradients_and_counts_the_rest():
+    ps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(24)]
+    for i, p in enumerate(ps):
+        p.grad = torch.ones(2)
+        if i % 8 != 7:  # 21 bad gradients, one good one in every 8
+            p.grad[i % 2] = (float("nan"), float("inf"), float("-inf"))[i % 3]
+    bad = [i for i in range(24) if i % 8 != 7]
+    kinds = {0: "1 NaN, 0 +Inf, 0 -Inf", 1: "0 NaN, 1 +Inf, 0 -Inf", 2: "0 NaN, 0 +Inf, 1 -Inf"}
+    listed = ", ".join(f"[{i}] ({kinds[i % 3]})" for i in bad[:20])
+    want = ("The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot be clipped. "
+            "To disable this error and scale the gradients by the non-finite norm anyway, set "
+            f"`error_if_nonfinite=False`. Non-finite gradients: {listed} and 1 more")
+    for backend in BACKENDS:
+        with pytest.raises(RuntimeError) as e:
+            fastgrad.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True, backend=backend)
+        assert str(e.value) == want
+
+
+def test_norm_beyond_the_dtype_range_error_and_clip_without_it():
+    """float16 gradients whose norm (169706) is beyond float16's range: torch's norm overflows and its clip zeroes
+    the gradients; fastgrad names the cause, and without the flag still clips with the float64 norm."""
+    ps = [torch.nn.Parameter(torch.zeros(4, dtype=torch.float16)) for _ in range(2)]
+    for p in ps:
+        p.grad = torch.full((4,), 60000.0, dtype=torch.float16)
+    want = ("The total norm of order 2.0 for gradients from `parameters` is 169706, beyond the range of "
+            "torch.float16, so the returned norm would be non-finite. To disable this error, set "
+            "`error_if_nonfinite=False` (fastgrad still clips correctly, using the float64 norm).")
+    with pytest.raises(RuntimeError) as e:
+        fastgrad.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True)
+    assert str(e.value) == want
+    assert torch.equal(ps[0].grad, torch.full((4,), 60000.0, dtype=torch.float16))
+    n = fastgrad.clip_grad_norm_(ps, 1.0)
+    assert n.dtype == torch.float16 and n.item() == math.inf
+    want_g = 60000.0 * (1.0 / (math.sqrt(8) * 60000.0 + 1e-6))
+    for p in ps:
+        torch.testing.assert_close(p.grad, torch.full((4,), want_g, dtype=torch.float16), rtol=1e-3, atol=0)
+
+
+def test_clip_grads_with_norm_argument_errors():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(TypeError, match=r"^total_norm must be a tensor \(as get_total_norm returns\), got float; "
+                                        r"wrap a number with torch\.tensor\(\.\.\.\)$"):
+        fastgrad.clip_grads_with_norm_([p], 1.0, 2.0)
+    q = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    q.grad = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"gradient of \[1\] has complex dtype"):
+        fastgrad.clip_grads_with_norm_([p, q], 1.0, torch.tensor(2.0))
+    assert torch.equal(p.grad, torch.ones(3))
+    with pytest.raises(ValueError, match="max_norm"):
+        fastgrad.clip_grads_with_norm_([p], -1.0, torch.tensor(2.0))
+    fastgrad.clip_grads_with_norm_([p], 1.0, torch.tensor(3.0))
+    assert p.grad.tolist() == pytest.approx([1 / (3.0 + 1e-6)] * 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("p", [0, 0.0, -1.0, -float("inf")])
+def test_norm_types_torch_accepts_below_one(p):
+    """torch accepts p <= 0 (not norms): the same values, computed its way."""
+    gs = [torch.tensor([0.5, 3.0, -4.0]), torch.tensor([1.0, 2.0]), torch.tensor([2.0, 0.0])]
+    want = torch.nn.utils.get_total_norm(gs, p)
+    got = fastgrad.get_total_norm(gs, p)
+    assert got.dtype == want.dtype and got.item() == pytest.approx(want.item(), rel=1e-6, abs=0)
+    ours, theirs = clone_params(params_with_grads()), clone_params(params_with_grads())
+    n = fastgrad.clip_grad_norm_(ours, 0.5, p)
+    m = torch.nn.utils.clip_grad_norm_(theirs, 0.5, p)
+    assert n.item() == pytest.approx(m.item(), rel=1e-6, abs=0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
