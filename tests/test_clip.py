@@ -293,8 +293,9 @@ def test_nonfinite_error_lists_twenty_gradients_and_counts_the_rest():
 
 
 def test_norm_beyond_the_dtype_range_error_and_clip_without_it():
-    """float16 gradients whose norm (169706) is beyond float16's range: torch's norm overflows and its clip zeroes
-    the gradients; fastgrad names the cause, and without the flag still clips with the float64 norm."""
+    """float16 gradients whose norm (169706) is beyond float16's range: torch's norm overflows and
+    its clip zeroes the gradients; fastgrad names the cause, and without the flag still clips with
+    the float64 norm."""
     ps = [torch.nn.Parameter(torch.zeros(4, dtype=torch.float16)) for _ in range(2)]
     for p in ps:
         p.grad = torch.full((4,), 60000.0, dtype=torch.float16)
