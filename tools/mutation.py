@@ -49,8 +49,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "clip_grad": (["fastgrad/clip_grad.py"], ["tests/test_clip.py", "tests/test_pinned_rules.py"]),
     "clip": (["fastgrad/clip.py"], ["tests/test_clippers.py", "tests/test_pinned_rules.py",
                                      "tests/test_optim.py"]),
-    "optim": (["fastgrad/optim.py"], ["tests/test_optim.py", "tests/test_pinned_rules.py",
-                                       "tests/test_clippers.py"]),
+    # the optimizer guard: a module until 9dd6ec4, a package (fastgrad/optim/) since
+    "optim": (["fastgrad/optim.py", "fastgrad/optim/*.py"], ["tests/test_optim.py", "tests/test_pinned_rules.py",
+                                                            "tests/test_clippers.py"]),
     "distributed": (["fastgrad/distributed.py"], ["tests/test_distributed.py", "tests/test_pinned_rules.py"]),
     "detectors": (["fastgrad/detectors.py"], ["tests/test_detector_rules.py", "tests/test_monitor.py"]),
 }
