@@ -45,6 +45,7 @@ class RankSet:
 
     ranks: tuple[int, ...]
     _make: object  # () -> ProcessGroup | None
+    origin: tuple = ()  # what the set came from (root mesh shape and names, or "group"): the check's key
 
     def group(self):
         return _group_cache_get(self)
@@ -140,15 +141,16 @@ def _mesh_info(mesh, as_root: bool) -> MeshInfo:
     idx = tuple(rc[d] if d in pp else slice(None) for d in range(R.ndim))
     stage = tuple(sorted(R[idx].flatten().tolist()))
     domain = tuple(sorted(R.flatten().tolist()))
-    stage_rs = RankSet(stage, lambda: _sub_group(root, keep))
-    domain_rs = RankSet(domain, lambda: _sub_group(root, list(range(R.ndim))))
+    origin = ("mesh", tuple(R.shape), tuple(names))
+    stage_rs = RankSet(stage, lambda: _sub_group(root, keep), origin)
+    domain_rs = RankSet(domain, lambda: _sub_group(root, list(range(R.ndim))), origin)
     return MeshInfo(stage_rs, domain_rs, tuple(coord), zero)
 
 
 def group_rank_set(group) -> RankSet:
     """:class:`RankSet` of a ``ProcessGroup`` (its global ranks)."""
     ranks = tuple(sorted(torch.distributed.get_process_group_ranks(group)))
-    return RankSet(ranks, lambda: group)
+    return RankSet(ranks, lambda: group, ("group",))
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -173,13 +175,13 @@ def check_layout(stage: RankSet, kind: str, rows_fn, device: torch.device) -> No
     """Raise :class:`LayoutError` on every rank of ``stage`` unless all hold the same rows.
 
     One all-reduce (MAX) of 4 int64 (``[sig, -sig, T, -T]``) and one host read, on the first
-    call per (group, kind), or every call with ``FASTGRAD_CHECK_LAYOUT=always``. The error is
+    call per (group, where it came from, kind), or every call with ``FASTGRAD_CHECK_LAYOUT=always``. The error is
     built from the reduced values alone, so every rank raises the same text.
     """
     mode = check_mode()
     if mode == "off" or len(stage.ranks) < 2:
         return
-    key = (stage.ranks, kind)
+    key = (stage.ranks, stage.origin, kind)
     if mode == "first" and key in _checked:
         return
     rows = rows_fn()

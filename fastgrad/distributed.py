@@ -363,15 +363,18 @@ _cross_unscaled: dict = {}
 def _unscaled_ok(plan: DistPlan, dtypes: Sequence[torch.dtype], device: torch.device) -> bool:
     """Whether the one-SUM total is exact: every gradient fp16/bf16/fp32. Across pipeline stages
     the ranks hold different dtypes possibly, and all must take the same path: the first call per
-    domain agrees on it (one MAX of 1 number) and later calls reuse that answer."""
+    domain agrees on it (one MAX of 1 int64) and later calls reuse that answer (a rank whose
+    gradients later turn float64 still sums unscaled: exact unless a float64 norm exceeds
+    ~1e150, where the total becomes inf)."""
     mine = all(dt in _UNSCALED_DTYPES for dt in dtypes)
     if not plan.cross:
         return mine
-    hit = _cross_unscaled.get(plan.domain.ranks)
+    key = (plan.domain.ranks, plan.domain.origin)
+    hit = _cross_unscaled.get(key)
     if hit is None:
-        flag = torch.tensor([0.0 if mine else 1.0], dtype=torch.float64).to(device)
+        flag = torch.tensor([0 if mine else 1], dtype=torch.int64).to(device)  # one-time: int64 as the check
         flag = _all_reduce(flag, torch.distributed.ReduceOp.MAX, plan.domain.group())
-        hit = _cross_unscaled[plan.domain.ranks] = bool(flag.item() == 0)
+        hit = _cross_unscaled[key] = bool(flag.item() == 0)
     return hit
 
 
