@@ -1,0 +1,385 @@
+"""Update norms: ``||w_after - w_before||`` per tensor, per group and in total, for one optimizer step.
+
+Use around any ``opt.step()``::
+
+    tracker = UpdateTracker(opt, model=model)     # once; registers step hooks on opt
+    tracker.before_step()                         # on monitored steps only
+    opt.step()                                    # or scaler.step(opt), or a fastgrad wrapper
+    upd = tracker.after_step()                    # UpdateStats, float64 device tensors, no sync
+
+Two paths, chosen per tensor in :meth:`UpdateTracker.before_step` (``UpdateStats.paths``):
+
+- ``"derived"``: Δw is computed after the step from the optimizer's own state and the new
+  weights, with no copy of the weights. Exact formulas of torch 2.13's ``torch/optim`` (all of
+  single-tensor, foreach and fused, which compute the same update), with ``w = w_after``:
+
+  - Adam: ``Δw = -lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)``, ``bc_i = 1 - beta_i^t``, ``v`` the
+    ``max_exp_avg_sq`` under amsgrad; L2 weight decay and ``maximize`` are already inside ``m``.
+  - AdamW (``decoupled_weight_decay``): ``w = w_b (1 - lr wd) + u`` with ``u`` the Adam step,
+    so ``Δw = (u - lr wd w) / (1 - lr wd)``.
+  - SGD with momentum (not Nesterov): ``Δw = -lr * buf`` (the momentum buffer after the step
+    already holds weight decay, dampening and the sign of ``maximize``).
+  - SGD without momentum or with Nesterov: ``g' = ±g + wd w_b`` holds the old weights; solving
+    ``Δw = -lr (g' + mu buf)`` for ``w_b = w - Δw`` gives
+    ``Δw = -lr (±g + wd w + mu buf) / (1 - lr wd)`` (``mu buf`` only with Nesterov).
+  - Adagrad: ``Δw = -clr (±g + wd w) / (sqrt(sum) + eps - clr wd)``,
+    ``clr = lr / (1 + (t - 1) lr_decay)``.
+  - RMSprop: ``avg = sqrt(sq - centered * ga^2) + eps``; momentum: ``Δw = -lr * buf``, else
+    ``Δw = -lr (±g + wd w) / (avg - lr wd)``.
+
+  Cost: reads the state (Adam: ``m``, ``v``, ``w``) and materialises ``Δw`` and ``w_b`` for at
+  most ``max_batch_bytes`` of tensors at a time, then one fused norm pass per batch; no memory
+  held between ``before_step`` and ``after_step``. A step that did not happen gives 0: the step
+  counter (Adam, Adagrad, RMSprop; it does not advance when a fused kernel skips on
+  ``found_inf``), else whether ``step()`` ran, which tensors had a gradient at that moment and
+  the ``found_inf`` it saw (SGD).
+  Accuracy: this is the update the optimizer computed; the stored weights are rounded after
+  adding it, so ``||Δw||`` differs from ``||fl(w_b + Δw) - w_b||`` by at most
+  ``~eps_dtype ||w|| / ||Δw||`` relative (float32 weights at an update ratio of 1e-3: <= 6e-5
+  worst case, ~1e-7 for random rounding over many elements); exact for float64 weights.
+- ``"snapshot"``: a copy of the tensor before the step, the difference after (in float32 for
+  bfloat16/float16 weights). Cost: one copy of the monitored weights held over the step (their
+  bytes in memory, one read + one write), then a read of both. Taken for every other optimizer
+  (Adamax, NAdam, LBFGS, custom ones, ``differentiable=True``), for complex or low-precision
+  weights (where the rounded realised update is what matters), for sparse gradients, and for
+  gradient-based formulas under a fused kernel (a fused kernel may unscale ``.grad``).
+
+Rows: per tensor ``update_norms`` ``||Δw||``, ``param_norms`` ``||w_before||`` and
+``update_ratio`` ``||Δw|| / ||w_before||`` (0 where Δw = 0, Inf where only w_before is 0);
+the same per group (the optimizer's param groups by default, or ``groups=`` as in
+:func:`fastgrad.grad_stats`) and in total, combined with the scaled norm formula
+(:func:`fastgrad.aggregate.combine_norms`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import aggregate
+
+__all__ = ["UpdateStats", "UpdateTracker"]
+
+_DERIVED_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class UpdateStats:
+    """Norms of one step's update. Every tensor is float64 on the weights' (first) device."""
+
+    names: tuple[str, ...]
+    paths: tuple[str, ...]  # "derived" or "snapshot" per tensor
+    update_norms: torch.Tensor  # [T] ||w_after - w_before||
+    param_norms: torch.Tensor  # [T] ||w_before||
+    update_ratio: torch.Tensor  # [T]
+    group_names: tuple[str, ...]
+    group_update_norms: torch.Tensor  # [G]
+    group_param_norms: torch.Tensor
+    group_update_ratio: torch.Tensor
+    total_update_norm: torch.Tensor  # 0-d
+    total_param_norm: torch.Tensor
+    total_update_ratio: torch.Tensor
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        """``{"tensors"|"groups"|"total": {name: {"update_norm", "param_norm", "update_ratio"}}}``
+        as host floats (synchronises)."""
+        def rows(names, *cols):
+            vals = torch.stack([c.reshape(-1).cpu() for c in cols], 1).tolist()
+            return {n: dict(zip(("update_norm", "param_norm", "update_ratio"), v)) for n, v in zip(names, vals)}
+
+        return {"tensors": rows(self.names, self.update_norms, self.param_norms, self.update_ratio),
+                "groups": rows(self.group_names, self.group_update_norms, self.group_param_norms,
+                               self.group_update_ratio),
+                "total": rows(("total",), self.total_update_norm, self.total_param_norm,
+                              self.total_update_ratio)["total"]}
+
+
+def _ratio(upd: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.where(upd == 0, torch.zeros_like(upd), upd / w)
+
+
+def _host(x):
+    """A CPU scalar tensor as a Python float (no device sync); other values unchanged."""
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.numel() == 1:
+        return float(x)
+    return x
+
+
+# -- the closed forms (each returns Δw in the weight's dtype; w is the weight after the step) -----
+
+def _adam(w, st, h, g):
+    t = _host(st["step"])
+    t = t.double() if isinstance(t, torch.Tensor) else t
+    lr, eps, wd = _host(h["lr"]), h["eps"], _host(h["weight_decay"])
+    b1, b2 = (_host(b) for b in h["betas"])
+    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+    v = st["max_exp_avg_sq"] if h.get("amsgrad", False) else st["exp_avg_sq"]
+    u = st["exp_avg"] / (v.sqrt() / bc2 ** 0.5 + eps) * (-lr / bc1)
+    if wd != 0 and h.get("decoupled_weight_decay", False):
+        return (u - (lr * wd) * w) / (1 - lr * wd)
+    return u
+
+
+def _signed_grad(g, h):
+    return -g if h.get("maximize", False) else g
+
+
+def _sgd(w, st, h, g):
+    lr, wd, mu = _host(h["lr"]), _host(h["weight_decay"]), h["momentum"]
+    if mu != 0 and not h["nesterov"]:
+        return st["momentum_buffer"] * (-lr)
+    d = _signed_grad(g, h)
+    if wd != 0:
+        d = d + wd * w
+    if mu != 0:
+        d = d + mu * st["momentum_buffer"]
+    return d * (-lr / (1 - lr * wd))
+
+
+def _adagrad(w, st, h, g):
+    lr, wd, eps, decay = _host(h["lr"]), h["weight_decay"], h["eps"], h["lr_decay"]
+    clr = lr / (1 + (_host(st["step"]) - 1) * decay)
+    d = _signed_grad(g, h)
+    if wd != 0:
+        d = d + wd * w
+    return d * (-clr) / (st["sum"].sqrt() + (eps - clr * wd))
+
+
+def _rmsprop(w, st, h, g):
+    lr, wd, eps, mu = _host(h["lr"]), h["weight_decay"], h["eps"], h["momentum"]
+    if mu > 0:
+        return st["momentum_buffer"] * (-lr)
+    sq = st["square_avg"]
+    avg = (sq - st["grad_avg"] * st["grad_avg"]).sqrt() if h["centered"] else sq.sqrt()
+    d = _signed_grad(g, h)
+    if wd != 0:
+        d = d + wd * w
+    return d * (-lr) / (avg + (eps - lr * wd))
+
+
+# (formula, needs the gradient?(group), keeps a step counter)
+def _needs_grad_sgd(h):
+    return h["momentum"] == 0 or h["nesterov"]
+
+
+def _unwrap(f):
+    # torch wraps step() (profile_hook_step, _use_grad_for_differentiable) with functools.wraps
+    while hasattr(f, "__wrapped__"):
+        f = f.__wrapped__
+    return f
+
+
+_FORMULAS = {
+    _unwrap(torch.optim.Adam.step): (_adam, lambda h: False, True),  # also AdamW (a subclass)
+    _unwrap(torch.optim.SGD.step): (_sgd, _needs_grad_sgd, False),
+    _unwrap(torch.optim.Adagrad.step): (_adagrad, lambda h: True, True),
+    _unwrap(torch.optim.RMSprop.step): (_rmsprop, lambda h: h["momentum"] <= 0, True),
+}
+
+
+def _formula_for(opt: torch.optim.Optimizer):
+    """The closed form of ``opt``'s step, if its class steps with one of torch's own step()s."""
+    return _FORMULAS.get(_unwrap(type(opt).step))
+
+
+class UpdateTracker:
+    """Norms of ``w_after - w_before`` for the steps of ``optimizer`` (see the module docstring).
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``.
+        model: a Module, to name tensors after ``named_parameters()`` (else ``"{group}.{index}"``).
+        groups: row groups: None (the optimizer's param groups, ``group["name"]`` or
+            ``"group{i}"``) or any ``groups=`` of :func:`fastgrad.grad_stats` over the names.
+        mode: ``"auto"`` (derive where a closed form exists) or ``"snapshot"`` (always copy).
+        max_batch_bytes: temporaries materialised per fused norm pass on the derived path.
+
+    The tracker registers a step pre-hook and post-hook on ``optimizer`` (``remove()`` takes
+    them off); they record, when armed by :meth:`before_step`, whether ``step()`` ran, which
+    tensors had a gradient at that moment and any ``found_inf`` passed to a fused kernel.
+    Register the tracker after ``fastgrad.attach`` (hooks run in registration order), or call
+    :meth:`note_step` from a wrapper that steps the optimizer another way.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,
+                 groups: Any = None, mode: str = "auto", max_batch_bytes: int = 1 << 28) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if mode not in ("auto", "snapshot"):
+            raise ValueError(f"mode must be 'auto' or 'snapshot', got {mode!r}")
+        self.optimizer = optimizer
+        self.mode = mode
+        self.max_batch_bytes = int(max_batch_bytes)
+        self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else None
+        self._groups_arg = groups
+        self._formula = _formula_for(optimizer) if mode == "auto" else None
+        self._armed: dict[str, Any] | None = None
+        self._segments: dict[tuple, Any] = {}
+        self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
+                         optimizer.register_step_post_hook(self._post_hook)]
+
+    def remove(self) -> None:
+        """Take the tracker's hooks off the optimizer."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def _pre_hook(self, opt, args, kwargs) -> None:
+        found_inf = (kwargs or {}).get("found_inf", getattr(opt, "found_inf", None))
+        self.note_step(found_inf=found_inf)
+
+    def _post_hook(self, opt, args, kwargs) -> None:
+        if self._armed is not None:
+            self._armed["done"] = True
+
+    def note_step(self, found_inf: torch.Tensor | None = None) -> None:
+        """Record that the optimizer is about to step now (called by the pre-hook): which tensors
+        have a gradient, and ``found_inf`` (a fused kernel skips the whole update where it is 1)."""
+        a = self._armed
+        if a is None:
+            return
+        a["stepped"] = True
+        a["found_inf"] = found_inf
+        a["has_grad"] = [p.grad is not None for p in a["params"]]
+
+    # -- the step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Arm the tracker for the next ``step()``: choose each tensor's path, snapshot those that
+        need it, and note the step counters (no sync)."""
+        opt = self.optimizer
+        params, names, labels, paths, kinds, snaps, counters = [], [], [], [], [], [], []
+        for gi, group in enumerate(opt.param_groups):
+            glabel = str(group.get("name", f"group{gi}"))
+            formula = self._formula
+            for pi, p in enumerate(group["params"]):
+                params.append(p)
+                names.append(self._names.get(id(p), f"{gi}.{pi}") if self._names else f"{gi}.{pi}")
+                labels.append(glabel)
+                derivable = (formula is not None and p.dtype in _DERIVED_DTYPES
+                             and not group.get("differentiable", False)
+                             and (p.grad is None or p.grad.layout == torch.strided)
+                             and not (group.get("fused") and formula[1](group)))
+                paths.append("derived" if derivable else "snapshot")
+                kinds.append(gi)
+                snaps.append(None if derivable else p.detach().clone())
+                st = opt.state.get(p, {}) if derivable and formula[2] else None
+                c = st.get("step") if st else None
+                counters.append(None if not (derivable and formula[2]) else
+                                (c.detach().clone() if isinstance(c, torch.Tensor) else float(c or 0)))
+        if self._groups_arg is not None:
+            from .stats import group_labels
+
+            labels = group_labels(names, self._groups_arg)
+        self._armed = {"params": params, "names": tuple(names), "labels": tuple(labels),
+                       "paths": tuple(paths), "group_index": kinds, "snaps": snaps, "counters": counters,
+                       "stepped": False, "done": False, "found_inf": None,
+                       "has_grad": [p.grad is not None for p in params]}
+
+    @torch.no_grad()
+    def after_step(self) -> UpdateStats:
+        """The norms of the update made since :meth:`before_step` (float64 device tensors, no sync)."""
+        a = self._armed
+        if a is None:
+            raise RuntimeError("UpdateTracker.after_step() without before_step(): call before_step() "
+                               "right before optimizer.step()")
+        self._armed = None
+        opt = self.optimizer
+        groups = opt.param_groups
+        formula = self._formula
+        upd: list[torch.Tensor] = []
+        wb: list[torch.Tensor] = []
+        norms_u: list[torch.Tensor] = []
+        norms_w: list[torch.Tensor] = []
+        pending = 0
+
+        def flush():
+            nonlocal pending
+            if upd:
+                n = _norms(upd + wb)
+                norms_u.append(n[: len(upd)])
+                norms_w.append(n[len(upd):])
+                upd.clear()
+                wb.clear()
+            pending = 0
+
+        for i, p in enumerate(a["params"]):
+            w = p.detach()
+            snap = a["snaps"][i]
+            if snap is not None:
+                if w.dtype in (torch.float16, torch.bfloat16):
+                    d, wbefore = w.float() - snap.float(), snap
+                elif w.is_complex():
+                    d, wbefore = torch.view_as_real(w - snap), torch.view_as_real(snap)
+                else:
+                    d, wbefore = w - snap, snap
+            else:
+                d = None
+                if a["stepped"] and a["has_grad"][i]:
+                    h = groups[a["group_index"][i]]
+                    st = opt.state.get(p, {})
+                    keep = self._keep(a, i, st)
+                    if not (isinstance(keep, float) and keep == 0.0):
+                        d = formula[0](w, st, h, p.grad)
+                        if not isinstance(keep, float) or keep != 1.0:
+                            d = d * keep
+                if d is None:
+                    d, wbefore = w.new_zeros(0), w
+                else:
+                    wbefore = w - d
+            upd.append(d)
+            wb.append(wbefore)
+            pending += d.numel() * d.element_size() * 2
+            if pending >= self.max_batch_bytes:
+                flush()
+        flush()
+        dev = a["params"][0].device if a["params"] else torch.device("cpu")
+        un = torch.cat(norms_u) if norms_u else torch.zeros(0, dtype=torch.float64, device=dev)
+        wn = torch.cat(norms_w) if norms_w else torch.zeros(0, dtype=torch.float64, device=dev)
+        return self._rows(a, un, wn)
+
+    def _keep(self, a, i, st):
+        """1 if the tensor was updated by this step, else 0 (a float, or a device 0-d tensor)."""
+        before = a["counters"][i]
+        if before is not None:  # a step counter: it advanced iff the update was applied
+            after = st.get("step") if st else None
+            if after is None:
+                return 0.0
+            if isinstance(after, torch.Tensor) and after.device.type != "cpu":
+                return (after.double() - before.double())
+            return float(after) - float(before)
+        fi = a["found_inf"]
+        if fi is None:
+            return 1.0
+        return 1.0 - fi.double()
+
+    def _rows(self, a, un: torch.Tensor, wn: torch.Tensor) -> UpdateStats:
+        labels = a["labels"]
+        order: dict[str, int] = {}
+        for lab in labels:
+            order.setdefault(lab, len(order))
+        key = (labels, un.device)
+        seg = self._segments.get(key)
+        if seg is None:
+            seg = aggregate.Segments([order[lab] for lab in labels], len(order), un.device)
+            self._segments[key] = seg
+        gu = aggregate.combine_norms(un, 2.0, seg)
+        gw = aggregate.combine_norms(wn, 2.0, seg)
+        tu = aggregate.combine_norms(un, 2.0, aggregate.TOTAL).reshape(())
+        tw = aggregate.combine_norms(wn, 2.0, aggregate.TOTAL).reshape(())
+        return UpdateStats(a["names"], a["paths"], un, wn, _ratio(un, wn), tuple(order), gu, gw,
+                           _ratio(gu, gw), tu, tw, _ratio(tu, tw))
+
+
+def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """float64 ``[N]`` L2 norms of ``tensors`` in one fused pass (fastgrad.grad_stats)."""
+    import warnings
+
+    from .stats import grad_stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # all-empty lists are fine here
+        return grad_stats(list(tensors), norm_types=(2,), histogram=False).tensor_norms
