@@ -180,7 +180,7 @@ def _step_epilogue_kernel(
         folded = s / coef
     tl.store(out_f64 + 0, n)
     tl.store(out_f64 + 1, coef)
-    tl.store(out_f64 + 2, factor)
+    tl.store(out_f64 + 2, tl.where(skip, 1.0, factor))  # a skipped step's scaling pass writes nothing
     tl.store(out_bool + 0, skip)
     tl.store(out_bool + 1, nonfinite)
     tl.store(out_bool + 2, spike)

@@ -15,7 +15,7 @@
 //               AutoClip:   min(t / (n + eps), 1), t = the percentile of the history (n appended)
 //               ZClip:      see fastgrad/clip.py
 //   grad_scale = float32(S / c), found_inf = float32(skipped)     (the fused optimizer's inputs)
-//   factor     = c / S                                             (the scaling pass otherwise)
+//   factor     = c / S, 1 if skipped                               (the scaling pass otherwise)
 //   counters  += (1, skipped, nonfinite, spike);  bad[i] = non-finite elements of tensor i if nonfinite
 //
 // Every operation is the reference's, in its order, so results are bitwise equal except where the
@@ -173,7 +173,8 @@ void step_epilogue_cpu(const EpilogueArgs& a) {
 
   a.out_f64[0] = n;
   a.out_f64[1] = coef;
-  a.out_f64[2] = has_coef ? (a.amp_scale ? coef * inv : coef) : (a.amp_scale ? inv : 1.0);
+  // 1 on a skipped step: the scaling pass runs before the host reads the flag and must leave .grad as it was
+  a.out_f64[2] = skip ? 1.0 : has_coef ? (a.amp_scale ? coef * inv : coef) : (a.amp_scale ? inv : 1.0);
   a.out_bool[0] = skip;
   a.out_bool[1] = nonfinite;
   a.out_bool[2] = spike;

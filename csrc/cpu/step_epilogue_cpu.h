@@ -41,7 +41,7 @@ struct EpilogueArgs {
   double alpha = 0, z_thresh = 0, z_eps = 0;
   bool z_adaptive = true;
   // -- outputs --------------------------------------------------------------------------------
-  double* out_f64 = nullptr;             // [3]: true total norm, clip coefficient, scaling factor c/S
+  double* out_f64 = nullptr;             // [3]: true total norm, clip coefficient, scaling factor c/S (1 if skipped)
   uint8_t* out_bool = nullptr;           // [3]: skipped, nonfinite, spike (torch.bool bytes)
   float* out_f32 = nullptr;              // [2]: grad_scale = S / c, found_inf = skipped; or null
 };

@@ -69,21 +69,23 @@ class Attachment:
                 return
             if self.folds:
                 self._saved = {k: d[k] for k in ("grad_scale", "found_inf") if k in d}
-                grad_scale = self.guard.apply_clip(plan, fold=True)
+                grad_scale = self.guard.fold(plan)
                 d.pop("grad_scale", None)
                 if grad_scale is not None:
                     opt.grad_scale = grad_scale
                 found_inf = plan.found_inf()
                 if found_inf is not None:
                     opt.found_inf = found_inf
-            elif plan.may_skip and plan.skipped_on_host():  # the one host read
+                return
+            self.guard.scale(plan)  # c / S, or 1 on a skipped step
+            if plan.may_skip and plan.skipped_on_host():  # the one host read
                 # a hook cannot cancel step(): hide the gradients instead. torch's optimizers
                 # leave parameters without .grad (and their state and step counts) untouched.
                 self._hidden = [(p, p.grad) for p in plan.params]
                 for p in plan.params:
                     p.grad = None
             else:
-                self.guard.apply_clip(plan, fold=False)
+                self.guard.write_clipped(plan)
         return
 
     def _post(self, opt, args, kwargs) -> None:

@@ -11,7 +11,7 @@ received them, ``S`` the GradScaler's scale they still carry (1 without one, or 
     update    = not skipped and not nonfinite                    stateful clippers advance only then
     c         = the clipper's coefficient of n                   GlobalNorm, AutoClip, ZClip (fastgrad.clip)
     grad_scale = float32(S / c),  found_inf = float32(skipped)   what a fused optimizer reads
-    factor     = c / S                                           the scaling pass otherwise
+    factor     = c / S, 1 if skipped                             the scaling pass otherwise
     counters  += (1, skipped, nonfinite, spike)
     bad[i]     = non-finite elements of tensor i, on a non-finite step (else kept)
 
@@ -60,7 +60,8 @@ class EpilogueResult:
     """One step's decisions (device tensors; nothing read on the host).
 
     total: float64 0-d true global norm. coef: float64 0-d clip coefficient, or None (no
-    folding clipper). factor: float64 0-d ``c / S`` for the scaling pass (1 when neither).
+    folding clipper). factor: float64 0-d ``c / S`` for the scaling pass (1 when neither, or when
+    skipped).
     skipped, nonfinite: bool 0-d. spike: bool 0-d, or None without SpikeSkip. grad_scale:
     float32 0-d ``S / c`` (``S`` without a coefficient), or None when there is nothing to divide
     by. found_inf: float32 0-d ``skipped``. bad: int64 ``[T]`` per-tensor non-finite counts of
@@ -208,6 +209,7 @@ def reference_epilogue(stats, amp_scale: torch.Tensor | None, amp_found: torch.T
         factor = coef if inv is None else coef * inv
         s = 1.0 if amp_scale is None else amp_scale.to(coef.device, torch.float64)
         grad_scale = (s / coef).to(torch.float32)  # the fused kernels read grad_scale as float32
+    factor = torch.where(skip, 1.0, factor)  # the scaling pass runs before the skip is read on the host
     return EpilogueResult.of(total, coef, factor, skip, nonfinite, spike, grad_scale, skip.to(torch.float32),
                              bad)
 

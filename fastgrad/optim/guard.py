@@ -246,29 +246,38 @@ class Guard:
                                       counters=self.state.counters, bad=bad,
                                       ctx_items=(params, [p.grad for p in params], names))
 
-    def apply_clip(self, plan: Plan, *, fold: bool) -> torch.Tensor | None:
-        """Write what cannot be folded; return the ``grad_scale`` a fused kernel should divide by.
-
-        ``fold=True``: a folding clipper's ``c`` and the AMP scale are in the returned float32
-        0-d ``S / c`` (None if there is nothing to divide by). Otherwise the gradients are scaled
-        here by ``c / S`` in one pass, or by the clipper's own pass.
-        """
-        res = plan.result
-        if self.clipper is not None and not self.clipper.folds:
-            dev = res.total.device
-            inv = None if plan.amp_scale is None else 1.0 / plan.amp_scale.to(dev, torch.float64)
-            norms = plan.stats.tensor_norms
-            ctx = _clip.ClipContext(plan.params, plan.grads, plan.names, res.total,
-                                    norms if inv is None else norms * inv, inv, ~res.skipped & ~res.nonfinite)
-            coefs = self.clipper.apply_(ctx)
-            if coefs is not None:
-                plan.clip_coef = coefs
+    def fold(self, plan: Plan) -> torch.Tensor | None:
+        """The folded path: let a non-folding clipper write the gradients, then return the
+        ``grad_scale`` a fused kernel should divide by (float32 0-d ``S / c``, or None when there
+        is nothing to divide by)."""
+        if self.write_clipped(plan):
             return None  # the AMP scale went into the clipper's pass
-        if fold:
-            return res.grad_scale
-        if res.coef is not None or plan.amp_scale is not None:
-            scale_op_(local_tensors(plan.grads), res.factor, self.backend)  # DTensor grads: own shards
-        return None
+        return plan.result.grad_scale
+
+    def scale(self, plan: Plan) -> None:
+        """The scaling path, before the skip flag is read: ``.grad *= c / S`` in one pass
+        (:func:`fastgrad.ops.scale_op_`; the factor is 1 on a skipped step, which writes nothing).
+        Scaling first keeps this pass in the same compiled graph as the statistics."""
+        if self.clipper is not None and not self.clipper.folds:
+            return
+        if plan.result.has_coef or plan.amp_scale is not None:
+            scale_op_(local_tensors(plan.grads), plan.result.factor, self.backend)  # DTensor grads: own shards
+
+    def write_clipped(self, plan: Plan) -> bool:
+        """A per-tensor / element-wise / unit-wise clipper writes the gradients (AMP unscale
+        included); False when the clipper folds (or there is none)."""
+        if self.clipper is None or self.clipper.folds:
+            return False
+        res = plan.result
+        dev = res.total.device
+        inv = None if plan.amp_scale is None else 1.0 / plan.amp_scale.to(dev, torch.float64)
+        norms = plan.stats.tensor_norms
+        ctx = _clip.ClipContext(plan.params, plan.grads, plan.names, res.total,
+                                norms if inv is None else norms * inv, inv, ~res.skipped & ~res.nonfinite)
+        coefs = self.clipper.apply_(ctx)
+        if coefs is not None:
+            plan.clip_coef = coefs
+        return True
 
     # -- after the step ---------------------------------------------------------------------
     def finish(self, plan: Plan) -> StepStats:

@@ -187,11 +187,12 @@ class FastgradOptimizer(torch.optim.Optimizer):
         if plan is None:  # no gradients: nothing to clip; pass any GradScaler state through
             folded_step(self.optimizer, amp_scale if self._folds else None, amp_found if self._folds else None)
         elif self._folds:
-            grad_scale = guard.apply_clip(plan, fold=True)
-            folded_step(self.optimizer, grad_scale, plan.found_inf())
-        elif not (plan.may_skip and plan.skipped_on_host()):  # the one host read, as GradScaler's
-            guard.apply_clip(plan, fold=False)
-            self.optimizer.step()
+            folded_step(self.optimizer, guard.fold(plan), plan.found_inf())
+        else:
+            guard.scale(plan)  # c / S, or 1 on a skipped step
+            if not (plan.may_skip and plan.skipped_on_host()):  # the one host read, as GradScaler's
+                guard.write_clipped(plan)
+                self.optimizer.step()
         if plan is not None:
             guard.finish(plan)
         for hook in self._optimizer_step_post_hooks.values():
