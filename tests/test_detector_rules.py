@@ -273,3 +273,131 @@ def test_default_thresholds_are_the_documented_ones():
     assert DeadLayerDetector().patience == 3 and NonFiniteDetector().cooldown == 50
     assert [d.kind for d in make_detectors("default")] == ["nonfinite", "exploding", "vanishing", "dead"]
     assert make_detectors(None) == [] and make_detectors(()) == []
+
+
+# -- messages, configuration, flagged layers and argument checks (pinned for mutation testing) ----
+
+
+def test_vanishing_message_value_and_flagged():
+    det = VanishingDetector(relative=1e-3, patience=2, cooldown=1)
+    recs = [record(s, [1.0, 2e-4, 1.0, 5e-4, 3.0]) for s in range(3)]
+    assert det.update(recs[0]) == [] and det.flagged() == {}
+    (f,) = det.update(recs[1])
+    assert (f.kind, f.step, f.first_step, f.layers, f.value) == ("vanishing", 1, 0, ("l1", "l3"), 2e-4)
+    assert f.message == ("vanishing gradients: 2 layer(s) [l1, l3] have gradient RMS 2.0e-04 to 5.0e-04, below "
+                         "0.001 x the median layer's 1.0e+00 (or below 1e-08), for 2 consecutive monitored steps "
+                         "(steps 0-1)")
+    assert det.flagged() == {"l1": 0, "l3": 0}
+    det.update(record(2, [1.0, 1.0, 1.0, 5e-4, 3.0]))
+    assert det.flagged() == {"l3": 0}
+    one = VanishingDetector(relative=1e-2, min_rms=None, patience=1)
+    (f,) = one.update(record(7, [1.0, 1e-3, 1.0]))
+    assert f.message == ("vanishing gradients: 1 layer(s) [l1] have gradient RMS 1.0e-03, below 0.01 x the median "
+                         "layer's 1.0e+00, for 1 consecutive monitored steps (steps 7-7)")
+    # no live layer (all zero or non-finite): nothing, and streaks are cleared
+    assert one.update(record(8, [0.0, math.nan, 0.0])) == [] and one.flagged() == {}
+
+
+def test_exploding_messages_values_and_flagged():
+    det = ExplodingDetector(max_norm=1e4, max_rms=10.0, z_threshold=None)
+    (f,) = det.update(record(3, [1.0, 20.0, 30.0, 40.0, 50.0], total=2e4))
+    assert f.layers == (GLOBAL, "l1", "l2", "l3", "l4") and f.value == 2e4 and f.step == f.first_step == 3
+    assert f.message == ("exploding gradients at step 3: global norm 2.00e+04 > max_norm 10000; 4 layer(s) "
+                         "[l1, l2, l3, l4] (l4: RMS 5.00e+01 > max_rms 10; l3: RMS 4.00e+01 > max_rms 10; "
+                         "l2: RMS 3.00e+01 > max_rms 10 and 1 more)")
+    assert det.flagged() == {GLOBAL: 3, "l1": 3, "l2": 3, "l3": 3, "l4": 3}
+    det2 = ExplodingDetector(max_norm=1e4, max_rms=10.0, z_threshold=None)
+    (f,) = det2.update(record(0, [1.0, 20.0, 12.0], total=1.0))
+    assert f.layers == ("l1", "l2") and f.value == 20.0
+    assert f.message == ("exploding gradients at step 0: 2 layer(s) [l1, l2] (l1: RMS 2.00e+01 > max_rms 10; "
+                         "l2: RMS 1.20e+01 > max_rms 10)")
+    # non-finite norms are the non-finite detector's: no max_norm / max_rms finding
+    assert ExplodingDetector().update(record(0, [math.inf, math.nan], total=math.inf)) == []
+
+
+def test_exploding_spike_message_and_zero_variance():
+    det = ExplodingDetector(max_norm=None, max_rms=None, warmup=5)
+    for s in range(10):  # constant: variance 0, any rise is z = inf, the 10x floor decides
+        assert det.update(record(s, [1.0], total=2.0)) == []
+    assert det.update(record(10, [1.0], total=20.0 * DOWN)) == []
+    assert det.update(record(11, [1.0], total=0.5)) == []  # below the mean: z < 0
+    det = ExplodingDetector(max_norm=None, max_rms=None, warmup=5)
+    for s in range(10):
+        det.update(record(s, [1.0], total=2.0))
+    (f,) = det.update(record(10, [1.0], total=30.0))
+    assert f.layers == (GLOBAL,) and f.value == 30.0
+    assert f.message == "exploding gradients at step 10: global norm 3.00e+01 spiked (z = inf, 15x its EMA)"
+
+
+def test_exploding_skips_nonfinite_and_zero_norms_in_its_statistics():
+    kw = dict(z_threshold=4.0, min_ratio=3.0, alpha=0.1, warmup=10)
+    det = ExplodingDetector(max_norm=None, max_rms=None, cooldown=1, **kw)
+    ref = EmaReference(**kw)
+    norms = _steady(60, seed=9)
+    for k in (20, 21, 35):
+        norms[k] = (math.nan, 0.0, math.inf)[k % 3]
+    for k in (30, 45, 50):
+        norms[k] *= 30.0
+    want = [s for s, v in enumerate(norms) if math.isfinite(v) and v > 0 and ref.update(v)]
+    got = [s for s, _ in fired(det, [record(s, [1.0], total=v) for s, v in enumerate(norms)])]
+    assert got == want and len(want) >= 2
+
+
+def test_dead_and_nonfinite_messages():
+    det = DeadLayerDetector(patience=2)
+    det.update(record(4, [0.0, 1.0, 0.0], zero=[4, 0, 4]))
+    (f,) = det.update(record(5, [0.0, 1.0, 0.0], zero=[4, 0, 4]))
+    assert (f.layers, f.first_step, f.value) == (("l0", "l2"), 4, 2.0)
+    assert f.message == ("dead layers: 2 layer(s) [l0, l2] had all-zero gradients for 2 consecutive monitored "
+                         "steps (steps 4-5)")
+    assert det.flagged() == {"l0": 4, "l2": 4}
+    nf = NonFiniteDetector()
+    (f,) = nf.update(record(9, [1.0, 1.0], total=math.nan, nan=[2, 0], posinf=[1, 0], neginf=[0, 0]))
+    assert f.message == ("non-finite gradients first at step 9: 1 of 2 layer(s) hold NaN/Inf: "
+                         "l0 (NaN 2, +Inf 1 of 4); global norm nan")
+    assert nf.flagged() == {"l0": 9}
+    nf.update(record(10, [1.0, 1.0], total=1.0))
+    assert nf.flagged() == {}
+    many = NonFiniteDetector()
+    (f,) = many.update(record(0, [1.0] * 6, total=math.nan, nan=[1] * 6))
+    assert f.message.endswith("l3 (NaN 1 of 4); and 2 more; global norm nan") and f.value == 6.0
+
+
+def test_configs_and_argument_errors():
+    assert VanishingDetector(relative=0.01, min_rms=None, patience=4, cooldown=7).config() == {
+        "kind": "vanishing", "relative": 0.01, "min_rms": None, "patience": 4, "cooldown": 7}
+    assert ExplodingDetector(max_norm=5.0, max_rms=None, z_threshold=3.0, min_ratio=2.0, alpha=0.1, warmup=9,
+                             cooldown=8).config() == {
+        "kind": "exploding", "max_norm": 5.0, "max_rms": None, "z_threshold": 3.0, "min_ratio": 2.0, "alpha": 0.1,
+        "warmup": 9, "cooldown": 8}
+    assert NonFiniteDetector(cooldown=3).config() == {"kind": "nonfinite", "cooldown": 3}
+    assert DeadLayerDetector(patience=2, cooldown=5).config() == {"kind": "dead", "patience": 2, "cooldown": 5}
+    bad = [
+        (lambda: VanishingDetector(relative=1.0), ValueError,
+         r"^relative must be < 1 \(a fraction of the median layer\), got 1\.0$"),
+        (lambda: VanishingDetector(relative=0.0), ValueError, r"^relative must be > 0, got 0\.0$"),
+        (lambda: VanishingDetector(min_rms="1"), TypeError, r"^min_rms must be a number, got '1'$"),
+        (lambda: VanishingDetector(min_rms=True), TypeError, r"^min_rms must be a number, got True$"),
+        (lambda: VanishingDetector(patience=0), ValueError, r"^patience must be >= 1, got 0$"),
+        (lambda: VanishingDetector(patience=2.0), TypeError, r"^patience must be an int, got 2\.0$"),
+        (lambda: VanishingDetector(cooldown=True), TypeError, r"^cooldown must be an int, got True$"),
+        (lambda: ExplodingDetector(alpha=1.0), ValueError, r"^alpha must be in \(0, 1\), got 1\.0$"),
+        (lambda: ExplodingDetector(alpha=-0.1), ValueError, r"^alpha must be > 0, got -0\.1$"),
+        (lambda: ExplodingDetector(min_ratio=None), TypeError, r"^min_ratio must be a number, got None$"),
+        (lambda: ExplodingDetector(max_norm=-1.0), ValueError, r"^max_norm must be > 0, got -1\.0$"),
+        (lambda: ExplodingDetector(max_rms=float("nan")), ValueError, r"^max_rms must be > 0, got nan$"),
+        (lambda: ExplodingDetector(z_threshold=0), ValueError, r"^z_threshold must be > 0, got 0$"),
+        (lambda: ExplodingDetector(warmup=0), ValueError, r"^warmup must be >= 1, got 0$"),
+        (lambda: ExplodingDetector(cooldown=0), ValueError, r"^cooldown must be >= 1, got 0$"),
+        (lambda: DeadLayerDetector(cooldown=0), ValueError, r"^cooldown must be >= 1, got 0$"),
+        (lambda: make_detectors("all"), ValueError, r"^detectors='all': the only string accepted is 'default'$"),
+        (lambda: make_detectors([VanishingDetector(), 3]), TypeError,
+         r"^detectors must be Detector instances, got int$"),
+    ]
+    for make, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            make()
+    van = VanishingDetector()
+    assert make_detectors(van) == [van] and make_detectors([van]) == [van]
+    for v in (None,):
+        assert ExplodingDetector(max_norm=v, max_rms=v, z_threshold=v).config()["max_norm"] is None
