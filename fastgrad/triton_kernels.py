@@ -558,8 +558,24 @@ def _group_dtype(g) -> torch.dtype:
 def _group_block(g, chunk: int) -> int:
     """Elements per loop step: whole chunks under the interpreter (it pays per operation),
     GPU_BLOCK on the GPU, never more than the group's largest tensor needs."""
+    return _block_for(g.max_numel, chunk)
+
+
+def _block_for(max_numel: int, chunk: int) -> int:
     max_block = chunk if INTERPRETED else min(chunk, GPU_BLOCK)
-    return min(max_block, max(16, _next_pow2(g.max_numel)))
+    return min(max_block, max(16, _next_pow2(max_numel)))
+
+
+def stats_launch(max_numel: int, generic_p: bool, chunk: int = CHUNK) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of ``_stats_chunk_kernel`` for a group whose largest tensor has
+    ``max_numel`` elements. On the GPU: 2048 elements over 8 warps (8 per thread: two 16-byte
+    loads of float32, one of a 16-bit type), 1024 when some p is neither 1 nor 2 (float64 exp2
+    and log2 per p); both stay at or below 128 registers with no spills on sm_90
+    (tests/test_triton_compile.py checks the compiled kernels)."""
+    block = _block_for(max_numel, chunk)
+    if not INTERPRETED and generic_p:
+        block = min(block, GPU_BLOCK // 2)
+    return block, 8 if block >= 1024 else 4
 
 
 def _on(device: torch.device):
@@ -629,11 +645,7 @@ def grad_stats_full(tensors, spec: StatsSpec, chunk: int = CHUNK) -> tuple[RawSt
                 continue
             dtype = _group_dtype(g)
             is_f64 = dtype == torch.float64
-            block = _group_block(g, chunk)
-            if not INTERPRETED and generic:
-                # exp2/log2 in float64 per p: half the elements per thread keeps them in
-                # registers (<= 128 per thread, no spills; tests/test_triton_compile.py).
-                block = min(block, GPU_BLOCK // 2)
+            block, warps = stats_launch(g.max_numel, generic, chunk)
             _stats_chunk_kernel[(g.w1 - g.w0,)](
                 ptrs,
                 plan.numels,
@@ -654,7 +666,7 @@ def grad_stats_full(tensors, spec: StatsSpec, chunk: int = CHUNK) -> tuple[RawSt
                 MIN_EXP=h.min_exp if h is not None else 0,
                 NBINS=nbins,
                 NSLOTS=nslots,
-                num_warps=8 if block >= 1024 else 4,
+                num_warps=warps,
             )
         _stats_reduce_kernel[(T,)](
             plan.item_range,
