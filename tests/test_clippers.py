@@ -294,3 +294,108 @@ def test_state_dict_round_trip_and_mismatch():
 def test_bad_arguments(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+# -- messages, repr, state validation and edge values (pinned for mutation testing) -------------
+
+
+@pytest.mark.parametrize("factory,exc,match", [
+    (lambda: clip.GlobalNorm(-1.0), ValueError, r"^GlobalNorm: max_norm must be >= 0, got -1\.0$"),
+    (lambda: clip.GlobalNorm("-1"), ValueError, r"^GlobalNorm: max_norm must be >= 0, got '-1'$"),
+    (lambda: clip.GlobalNorm(None), TypeError, r"^GlobalNorm: max_norm must be a number, got NoneType$"),
+    (lambda: clip.PerTensorNorm(float("nan")), ValueError, r"^PerTensorNorm: max_norm must be >= 0, got nan$"),
+    (lambda: clip.Value(-0.1), ValueError, r"^Value: clip_value must be >= 0, got -0\.1$"),
+    (lambda: clip.AutoClip(percentile=101), ValueError, r"^AutoClip: percentile must be in \[0, 100\], got 101$"),
+    (lambda: clip.AutoClip(history=0), ValueError, r"^AutoClip: history must be a positive int, got 0$"),
+    (lambda: clip.AutoClip(history=True), ValueError, r"^AutoClip: history must be a positive int, got True$"),
+    (lambda: clip.AutoClip(history=2.0), ValueError, r"^AutoClip: history must be a positive int, got 2\.0$"),
+    (lambda: clip.ZClip(alpha=1.0), ValueError, r"^ZClip: alpha must be in \[0, 1\), got 1\.0$"),
+    (lambda: clip.ZClip(z_thresh=0), ValueError, r"^ZClip: z_thresh must be > 0, got 0$"),
+    (lambda: clip.ZClip(warmup=0), ValueError, r"^ZClip: warmup must be an int >= 1, got 0$"),
+    (lambda: clip.ZClip(warmup=True), ValueError, r"^ZClip: warmup must be an int >= 1, got True$"),
+    (lambda: clip.ZClip(mode="pct"), ValueError, r"^ZClip: mode must be 'adaptive' or 'mean', got 'pct'$"),
+    (lambda: clip.ZClip(max_norm=-1.0), ValueError, r"^ZClip: max_norm must be >= 0, got -1\.0$"),
+    (lambda: clip.ZClip(eps=-1.0), ValueError, r"^ZClip: eps must be >= 0, got -1\.0$"),
+    (lambda: clip.AGC(clip_factor=0.0), ValueError, r"^AGC: clip_factor must be > 0, got 0\.0$"),
+    (lambda: clip.AGC(exclude=3), TypeError,
+     r"^AGC: exclude must be a container of parameter names or a callable name -> bool$"),
+])
+def test_argument_error_messages(factory, exc, match):
+    with pytest.raises(exc, match=match):
+        factory()
+
+
+def test_edge_values_accepted():
+    assert clip.AutoClip(percentile=0).percentile == 0.0 and clip.AutoClip(percentile=100).percentile == 100.0
+    assert clip.ZClip(alpha=0.0).alpha == 0.0 and clip.ZClip(warmup=1).warmup == 1
+    assert clip.AutoClip(history=1).history == 1 and clip.ZClip(eps=0.0).eps == 0.0
+    assert clip.GlobalNorm(0).coefficient(next(ctx_for_norms([3.0]))).item() == 0.0
+    assert repr(clip.AutoClip()) == "AutoClip(percentile=10.0, history=1000)"
+    assert repr(clip.GlobalNorm(2)) == "GlobalNorm(max_norm=2.0)"
+    assert repr(clip.ZClip(max_norm=1.0)) == ("ZClip(alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-06, max_norm=1.0, "
+                                              "mode='adaptive')")
+    assert repr(clip.AGC()) == "AGC(clip_factor=0.01, eps=0.001)"
+
+
+def test_autoclip_threshold_edges():
+    c = clip.AutoClip(percentile=50, history=3)
+    c._ensure(torch.device("cpu"))
+    assert c.threshold().item() == math.inf  # empty history: no clipping
+    got = [c.coefficient(ctx).item() for ctx in ctx_for_norms([2.0, 4.0, 4.0, 1.0])]
+    # histories [2] -> 2, [2,4] -> 3, [2,4,4] -> 4, [4,4,1] -> 4 (torch's 1e-6: clipped at equality)
+    assert got == pytest.approx([2 / (2 + TORCH_EPS), 3 / (4 + TORCH_EPS), 4 / (4 + TORCH_EPS), 1.0], rel=1e-15, abs=0)
+    assert c.count.item() == 3 and c.pos.item() == 1 and c.buffer.tolist() == [1.0, 4.0, 4.0]
+    assert c.threshold().item() == 4.0
+    big = clip.AutoClip(percentile=100, history=2)
+    big.coefficient(next(ctx_for_norms([float("inf")])))
+    assert big.threshold().item() == math.inf  # inf - inf avoided: repeated values are exact
+
+
+def _loaded_error(c, sd, match):
+    with pytest.raises(ValueError, match=match):
+        c.load_state_dict(sd)
+
+
+def test_state_dict_validation_messages_and_dtypes():
+    a = clip.AutoClip(percentile=30, history=4)
+    for ctx in ctx_for_norms([1.0, 2.0]):
+        a.coefficient(ctx)
+    sd = a.state_dict()
+    assert sd["type"] == "AutoClip" and sd["config"] == {"percentile": 30.0, "history": 4}
+    assert sd["buffer"] is not a.buffer and torch.equal(sd["buffer"], a.buffer)
+    fresh = lambda: clip.AutoClip(percentile=30, history=4)  # noqa: E731
+    _loaded_error(fresh(), {**sd, "type": "ZClip"}, r"^state_dict is for clipper 'ZClip', not AutoClip$")
+    _loaded_error(fresh(), {k: v for k, v in sd.items() if k != "pos"}, r"^AutoClip: state_dict lacks \['pos'\]$")
+    _loaded_error(fresh(), {**sd, "buffer": torch.zeros(5, dtype=torch.float64)},
+                  r"^AutoClip: state_dict\['buffer'\] must be a tensor of shape \(4,\)")
+    _loaded_error(fresh(), {**sd, "count": 2}, r"^AutoClip: state_dict\['count'\] must be a tensor of shape \(\)")
+    b = fresh()
+    b.load_state_dict({**sd, "buffer": sd["buffer"].float(), "count": sd["count"].int()})
+    assert b.buffer.dtype == torch.float64 and b.count.dtype == torch.int64 and b.count.item() == 2
+    assert b.buffer.is_contiguous() and b.buffer.tolist() == [1.0, 2.0, 0.0, 0.0]
+    sd["buffer"][0] = 99.0  # the loaded state is a copy
+    assert b.buffer[0].item() == 1.0
+    z = clip.ZClip(warmup=3)
+    zsd = z.state_dict()
+    assert set(zsd) == {"type", "config", "buffer", "seen", "mean", "var"} and zsd["buffer"].shape == (3,)
+    _loaded_error(clip.ZClip(warmup=3), {**zsd, "mean": torch.zeros(2, dtype=torch.float64)},
+                  r"^ZClip: state_dict\['mean'\] must be a tensor of shape \(\)")
+    _loaded_error(clip.ZClip(warmup=3, alpha=0.5), zsd, r"^ZClip: saved configuration .* differs from this clipper's")
+    assert clip.GlobalNorm(1.0).state_dict() == {"type": "GlobalNorm", "config": {"max_norm": 1.0}}
+
+
+def test_zclip_warmup_cap_and_mean_mode_spike():
+    c = clip.ZClip(alpha=0.5, z_thresh=1.0, warmup=2, max_norm=3.0, mode="mean")
+    got = [c.coefficient(ctx).item() for ctx in ctx_for_norms([1.0, 6.0, 3.5, 20.0])]
+    # warm-up: the cap 3 only; then mu = 3.5, var = 6.25 (population): 3.5 is no spike but the cap
+    # clips it; 20 is a spike (z = 6.6) clipped to mu = 3.5, then the cap 3
+    assert got[0] == 1.0 and got[1] == pytest.approx(3 / (6 + TORCH_EPS), rel=1e-15, abs=0)
+    assert got[2] == pytest.approx(3 / (3.5 + TORCH_EPS), rel=1e-15, abs=0)
+    assert got[3] == pytest.approx(3 / (20 + TORCH_EPS), rel=1e-15, abs=0)
+    assert c.initialized.item() and c.seen.item() == 2
+    # the EMA after 3.5 (no spike) then 20 fed as mu (a spike in mean mode)
+    mu1 = 0.5 * 3.5 + 0.5 * 3.5
+    var1 = 0.5 * 6.25 + 0.5 * (3.5 - mu1) ** 2
+    mu2 = 0.5 * mu1 + 0.5 * mu1
+    var2 = 0.5 * var1 + 0.5 * (mu1 - mu2) ** 2
+    assert c.mean.item() == pytest.approx(mu2, rel=1e-15) and c.var.item() == pytest.approx(var2, rel=1e-15)
