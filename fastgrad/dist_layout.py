@@ -55,9 +55,11 @@ _groups: dict = {}
 
 
 def _group_cache_get(rs: RankSet):
-    g = _groups.get(rs.ranks)
+    # keyed by the default group too: a re-initialised torch.distributed makes new groups
+    key = (rs.ranks, rs.origin, id(torch.distributed.group.WORLD))
+    g = _groups.get(key)
     if g is None:
-        g = _groups[rs.ranks] = rs._make()
+        g = _groups[key] = rs._make()
     return g
 
 

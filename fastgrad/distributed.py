@@ -1,4 +1,4 @@
-"""Statistics of sharded gradients: local partials on every rank, then one small collective.
+"""Statistics of sharded gradients: local partials on every rank, then small fixed-shape collectives.
 
 Every rank computes the usual per-tensor tables (:mod:`fastgrad.spec`) of the
 gradient pieces it holds (``g.to_local()`` for a DTensor; a piece may be
@@ -8,35 +8,52 @@ norm of a tensor and ``n_r`` the norm of its piece on rank ``r``::
 
     norm_p = M * (sum_r (n_r / M)^p)^(1/p)      max|x| = max_r max|x_r|
 
-Per-tensor statistics (:func:`reduce_raw`, used by ``grad_stats``) take two
-all-reduces per call, both float64, over ``T`` tensors with ``P`` finite norms
-and ``B`` histogram bins::
+Where (:mod:`fastgrad.dist_layout`): the **stage** is the set of ranks that
+hold the same tensors (the DTensors' root mesh without its ``"pp"``
+dimension, else ``process_group``); the **domain** is every rank of the model
+(all pipeline stages). Per-tensor rows are combined over the stage, totals
+over the domain; no collective whose size depends on the rows ever reaches a
+rank of another stage.
+
+Per-tensor statistics (:func:`reduce_stats`, used by ``grad_stats``): two
+float64 all-reduces over the stage (:func:`reduce_raw`), over ``T`` tensors
+with ``P`` finite norms and ``B`` histogram bins::
 
     MAX  [T, P + 1]           piece norms (the scale M) and max|x|
     SUM  [T, P + 4 + B + 1]   (n_r / M)^p, NaN/+Inf/-Inf/zero counts, bins, numel
 
-Float64 counts are exact below 2^53 elements per tensor. The total norm alone
+then, under pipeline parallelism, the same two of one row (each stage's
+total, sent by the stage's first rank) over the domain. Float64 counts are
+exact below 2^53 elements per tensor. The total norm alone
 (:func:`reduce_total_norm`, used by ``clip_grad_norm_``) is 2 numbers in one
-all-reduce: ``sum_r n_r^p`` unscaled when that cannot overflow or underflow
-(p <= 6 and fp16/bf16/fp32 gradients), else a MAX then a SUM of 2 numbers.
+all-reduce over the domain: ``sum_r n_r^p`` unscaled when that cannot
+overflow or underflow (p <= 6 and fp16/bf16/fp32 gradients), else a MAX then
+a SUM of 2 numbers.
 
 Counting once. A row contributes from this rank only where it should:
 
 * DTensor: on every mesh dim where it is ``Replicate`` only the coordinate-0
   rank contributes (``Shard`` dims contribute everywhere; ``Partial``
-  gradients raise: reduce them first).
+  gradients raise: reduce them first). A DTensor on a sub-mesh (or a
+  flattened mesh) is implicitly replicated over the root's other
+  non-pipeline dims: it contributes at coordinate 0 of those only.
 * Plain tensors, as the ``placements=`` argument says: ``"shard"`` (this
   rank's tensor is a disjoint piece, or the one counted copy: it contributes),
-  ``"replicate"`` (every rank of the group holds the same values: counted
-  once, from group rank 0; the default), ``"duplicate"`` (a copy counted on
-  another rank, e.g. a tied embedding on the last pipeline stage: never
-  contributes).
+  ``"replicate"`` (every rank of the stage holds the same values: counted
+  once, from the stage's first rank; the default), ``"duplicate"`` (a copy
+  counted on another rank, e.g. a tied embedding on the last pipeline stage:
+  never contributes).
 
-No collective is issued when the group has one rank or every row is
-replicated (DDP). Whether to communicate is decided locally from the
-placements, so all ranks of the group must call with the same kinds of rows.
-The collectives are ordinary ``torch.distributed.all_reduce`` calls on the
-gradients' device: no host synchronisation beyond the collective itself.
+No collective is issued when the stage has one rank or every row is
+replicated (DDP), and no pipeline. Whether to communicate is decided locally
+from the placements, so all ranks of a stage must call with the same kinds of
+rows; that they hold the same rows is checked once per group
+(:func:`fastgrad.dist_layout.check_layout`, one int64 all-reduce) before the
+first collective whose size depends on them, and a mismatch raises the same
+:class:`~fastgrad.dist_layout.LayoutError` on every rank. The collectives are
+ordinary ``torch.distributed.all_reduce`` calls on the gradients' device: no
+host synchronisation beyond the collective itself (the one-time check reads
+its 4 numbers on the host).
 """
 
 from __future__ import annotations
@@ -262,15 +279,17 @@ def plan(
 
 
 def _describe(names, grads, placements, DTensor) -> list[tuple]:
-    """What must agree across a stage, per row: name, global shape (plain shards: ndim), dtype, placement."""
+    """What must agree across a stage, per row: name, global shape, dtype (and a DTensor's placements)."""
     rows = []
     for i, g in enumerate(grads):
         name = names[i]
         if DTensor is not None and isinstance(g, DTensor):
             rows.append((name, tuple(g.shape), str(g.dtype), tuple(str(p) for p in g.placements)))
         else:
+            # plain pieces may differ in shape and kind across ranks (uneven shards; a tied weight
+            # counted on one rank and "duplicate" elsewhere): only replicated ones show a shape
             kind = _user_placement(placements, name) or "replicate"
-            rows.append((name, g.dim() if kind == "shard" else tuple(g.shape), str(g.dtype), kind))
+            rows.append((name, tuple(g.shape) if kind == "replicate" else None, str(g.dtype)))
     return rows
 
 
