@@ -420,6 +420,20 @@ def scenario_mistakes(rank: int, world: int) -> None:
     st = fastgrad.grad_stats(grads_pp)
     everything = [make_tensor(8, torch.float64, seed=k) for k in (0, 1, 2, 0)]
     assert st.total_norm.item() == pytest.approx(fastgrad.get_total_norm(everything).item(), rel=1e-12)
+    # plain-tensor stages say the same with the mesh: process_group=<mesh with "pp">, placements
+    # within a stage; rows over the stage, the total over both stages
+    plain = [(name, g.full_tensor().tensor_split(2)[mesh_pp.get_coordinate()[1]].clone()) for name, g in grads_pp]
+    with count_collectives() as (stats, _):
+        st_plain = fastgrad.grad_stats(plain, process_group=mesh_pp, placements="shard", **STAT_KW)
+    assert [s for _, s in stats] == [2, 2, 4, 4], stats
+    full_rows = fastgrad.grad_stats([(name, g.full_tensor()) for name, g in grads_pp], **STAT_KW)
+    from conftest import assert_raw_close
+
+    assert_raw_close(st_plain.raw, full_rows.raw, rel=1e-12, what="plain stage rows")
+    assert torch.equal(st_plain.numel, full_rows.numel)
+    whole = fastgrad.grad_stats([(str(k), e) for k, e in enumerate(everything)], **STAT_KW)
+    assert_raw_close(st_plain.total.raw, whole.total.raw, rel=1e-12, what="plain stages: total")
+    same_on(all_ranks(), st_plain.total.raw.floats, st_plain.total.raw.counts)
     # float32 across stages: clipping alone is one all-reduce of 2 numbers over all stages
     # (after a one-time int64 agreement on the path, since stages could hold other dtypes)
     g32 = [g.to(torch.float32) for _, g in grads_pp]
