@@ -7,25 +7,31 @@ launchers that plan, allocate and pick block sizes.
 Work split and grid
 -------------------
 Every tensor is cut into chunks of ``CHUNK`` elements that never cross a
-tensor boundary. A *plan* lists the chunks of a parameter set as device
-tables, grouped by dtype: ``chunk_row[w]`` (the tensor's row, i.e. its
-position in the call) and ``chunk_start[w]`` (the chunk's first element).
-Plans are cached on ``(device, CHUNK, ((numel, dtype), ...))``, so a
-steady-state step only gathers data pointers into an int64 table, and even
-that upload is skipped while the pointers are the ones seen last time.
+tensor boundary. The *plan* of a parameter set
+(:mod:`fastgrad.backends.chunk_plan`, shared with the CUDA backend) lists the
+chunks as device tables, grouped by dtype and pointer alignment:
+``item_row[w]`` (the tensor's row, i.e. its position in the call) and
+``item_start[w]`` (the chunk's first element); ``item_range[t]`` holds tensor
+``t``'s first and past-the-end item. Plans are cached per ``(device, stream,
+CHUNK, sizes, dtypes, alignments)`` (a plan evicted while another stream's
+kernel still reads it would be unsafe), so a steady-state step only gathers
+data pointers into an int64 table, and even that upload is skipped while
+the pointers are the ones seen last time (a few tables per plan).
 
 Kernels address many tensors through that table: program ``w`` loads
-``ptr_table[chunk_row[w]]`` and casts it to a typed pointer. Under
+``ptr_table[item_row[w]]`` and casts it to a typed pointer. Under
 ``TRITON_INTERPRET=1`` the interpreter dereferences such raw addresses on
 the host, which is why CPU tensors work there (and CUDA tensors must not be
 sent to an interpreted kernel).
 
-Statistics take ``G + 2`` launches for the ``G`` dtypes present:
+Statistics take ``G + 2`` launches for the ``G`` (dtype, alignment) groups present:
 
-1. ``_stats_chunk_kernel``, once per dtype, grid ``(chunks of that dtype,)``:
+1. ``_stats_chunk_kernel``, once per group, grid ``(chunks of that group,)``:
    program ``w`` reads its chunk once, ``BLOCK`` elements at a time (loads
-   upcast to float64; half types go through float32, which is exact), and
-   writes its partials to its own rows ``fpart[w]`` and ``cpart[w]``.
+   upcast to float64; half types go through float32, which is exact),
+   reduces each block at once (one fixed-order tree: max, sum and sum of
+   squares together; one p at a time for other p) into per-chunk scalars,
+   and writes its partials to its own rows ``fpart[w]`` and ``cpart[w]``.
 2. ``_stats_reduce_kernel``, grid ``(T,)``: program ``t`` folds the partial
    rows of tensor ``t``'s chunks in chunk order and writes output row ``t``.
 3. ``_stats_total_kernel``, grid ``(1,)``: the total row ``T`` from rows
@@ -35,15 +41,32 @@ Statistics take ``G + 2`` launches for the ``G`` dtypes present:
 Besides the launches, a call allocates the small partial and output tables
 and uploads the pointer table only when the pointers changed. No
 floating-point atomics and no reduction order that depends on scheduling,
-so results are bitwise reproducible run to run.
+so results are bitwise reproducible run to run; a tensor's row does not
+depend on its neighbours or its group. Summation order inside a chunk: the
+float64 sum over blocks, in block order, of each block's tree sum (before
+#14.7 each lane summed its elements across blocks and the lanes were summed
+at the end: the last bits of a norm may differ from that version's).
 
 Every kernel walks its chunk as unmasked full blocks and one masked tail,
-with an int32 loop counter: together with ``tl.multiple_of`` when every
-pointer of the launch is 16-byte aligned (``ALIGNED``), that lets the GPU
-use 128-bit loads and stores. ``BLOCK`` is 2048 on the GPU (1024 for
-float64 or more than two norms, to stay in registers), capped by the largest
-tensor of the launch; the interpreter takes whole chunks, as it pays per
-operation rather than per element.
+with an int32 loop counter: together with ``tl.multiple_of`` in a group
+whose pointers are all 16-byte aligned (``ALIGNED``), that lets the GPU use
+128-bit loads and stores. A misaligned tensor (a view into a DDP bucket or a
+flat buffer at an odd offset) gets a group of its own, so it does not turn
+vector loads off for the aligned tensors of its dtype.
+:func:`stats_launch` picks ``BLOCK`` and the warps (2048 over 8 warps on the
+GPU; 1024 when some p is neither 1 nor 2), capped by the largest tensor of
+the group; the interpreter takes whole chunks, as it pays per operation
+rather than per element.
+
+CUDA graphs: with warm caches (the same call made once before capture) the
+launches capture and replay; a plan, pointer-table or norm-table miss during
+capture raises :class:`fastgrad.backends.chunk_plan.CaptureMiss` (an upload
+from a pooled pinned buffer would be replayed stale), and what a capture
+used is pinned for the life of the process.
+
+Aliasing: ``scale_``/``clamp_`` over tensors that share memory run in list
+order, one pass per layer of disjoint tensors
+(:func:`fastgrad.backends._layout.overlap_layers`).
 
 Norm math
 ---------
