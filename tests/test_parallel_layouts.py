@@ -333,6 +333,7 @@ def scenario_pp_fsdp(rank: int, world: int) -> None:
     opt = torch.optim.SGD(stage_mod.parameters(), lr=0.5, foreach=False)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     stage_ranks = [r for r in all_ranks() if r // 2 == pp]
+    mon = fastgrad.GradMonitor(stage_mod, loggers=(), log_every=1, histogram_every=0)
     for step in range(2):
         x, y = _moe_batch(step)
         ref_opt.zero_grad()
@@ -344,6 +345,17 @@ def scenario_pp_fsdp(rank: int, world: int) -> None:
         st_world = fastgrad.grad_stats(stage_mod, process_group=dist.group.WORLD, **STAT_KW)
         assert st_world.total_norm.item() == pytest.approx(fastgrad.grad_stats(ref).total_norm.item(), rel=TOL)
         _pipeline_check(stage_mod, ref, stage_ranks, 4)
+        # GradMonitor: each stage logs its own layers; the statistics it receives carry the whole
+        # model's total (its StepRecord.total_norm is recombined from the stage's layers in
+        # monitor_buffer.py: the monitor owner's change, see the issue notes)
+        mon_stats = mon.step()
+        mon.flush()
+        rec = mon.records[-1]
+        want = fastgrad.grad_stats(ref)
+        mine = [want.groups.names.index(layer) for layer in rec.layers]
+        assert set(rec.layers) == {n.rpartition(".")[0] for n, _ in stage_mod.named_parameters()}
+        assert rec.norm.tolist() == pytest.approx(want.groups.tensor_norms[mine].tolist(), rel=TOL)
+        assert mon_stats.total_norm.item() == pytest.approx(want.total_norm.item(), rel=TOL)
         with count_collectives() as (stats, _):
             total = fastgrad.clip_grad_norm_(stage_mod.parameters(), MAX_NORM)
         assert len(stats) == 2 and {s for _, s in stats} == {4}, stats  # float64: MAX + SUM over all stages
