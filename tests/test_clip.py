@@ -343,3 +343,19 @@ def test_norm_types_torch_accepts_below_one(p):
     assert n.item() == pytest.approx(m.item(), rel=1e-6, abs=0)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_coefficient_one_writes_nothing_and_a_single_gradient_is_clipped(backend):
+    """Documented: no write when the coefficient is 1 (not even ``x *= 1``: the version counter,
+    which autograd checks, stays); and the one-tensor case (the scaling reads its device)."""
+    ps = params_with_grads()
+    versions = [p.grad._version for p in ps]
+    fastgrad.clip_grad_norm_(ps, 1e9, backend=backend)
+    fastgrad.clip_grads_with_norm_(ps, 1.0, torch.tensor(0.5), backend=backend)
+    assert [p.grad._version for p in ps] == versions
+    q = torch.nn.Parameter(torch.zeros(3))
+    q.grad = torch.full((3,), 2.0)
+    n = fastgrad.clip_grad_norm_([q], 1.0, backend=backend)
+    assert n.item() == pytest.approx(math.sqrt(12), rel=1e-7)
+    torch.testing.assert_close(q.grad, torch.full((3,), 2.0 / (math.sqrt(12) + 1e-6)), rtol=1e-7, atol=0)
