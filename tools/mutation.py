@@ -72,7 +72,9 @@ def prepare(name: str, workdir: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], check=True, capture_output=True).stdout
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     for so in glob.glob(str(ROOT / "fastgrad" / "_C*.so")):
         shutil.copy2(so, dest / "fastgrad")
@@ -94,6 +96,7 @@ def prepare(name: str, workdir: Path) -> Path:
         "timeout_constant = 10.0\n"
     )
     (dest / "pyproject.toml").write_text(pyproject)
+    (dest / "COMMIT").write_text(commit + "\n")
     return dest
 
 
@@ -141,8 +144,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         counts[s] = counts.get(s, 0) + 1
     checked = sum(c for s, c in counts.items() if s not in ("not checked", "no tests", "skipped"))
     killed = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = (dest / "COMMIT").read_text().strip()[:12]  # the tree measured
     summary = {"module": name, "commit": commit, "files": MODULES[name][0], "tests": MODULES[name][1],
                "sampled": len(selected) or None, "mutants": len(v), "counts": counts,
                "kill_rate": killed / checked if checked else None, "seconds": round(seconds),
