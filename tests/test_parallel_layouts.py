@@ -382,8 +382,9 @@ def scenario_pp_tp(rank: int, world: int) -> None:
             torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3), torch.nn.Linear(3, 3),
         ).double()
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
-    pp, _ = mesh.get_coordinate()
+    # torchtitan's names and order, dp_shard of size 1: the stage is a flattened (dp_shard, tp) group
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("pp", "dp_shard", "tp"))
+    pp, _, _ = mesh.get_coordinate()
     keep = [0, 1, 2, 3] if pp == 0 else [4, 5, 6, 7]
     stage_mod = Stage(net(), keep)
     plan = {"0": ColwiseParallel(), "2": RowwiseParallel()} if pp == 0 else \
