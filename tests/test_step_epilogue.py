@@ -177,7 +177,7 @@ def test_fused_epilogue_is_one_call():
 
         s = fastgrad.grad_stats(ps, **stats)
         guard.state.ensure(s.raw.floats.device)
-        bad = guard._bad_counts(s.names, s.raw.floats.device)
+        bad = guard._bad_counts(list(s.names), s.names, s.raw.floats.device)
         args = (s, torch.tensor(1024.0), torch.tensor(0.0), bad, (ps, ["a"] * T), s.raw.floats.device)
         guard._epilogue(*args)  # lazy state created outside the profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -119,10 +119,10 @@ class Plan:
         return self.result.skipped
 
     def skipped_on_host(self) -> bool:
-        """The skip decision as a Python bool: free when the epilogue ran on the host (CPU
-        tensors), else one read of a 0-d device flag (a sync, as GradScaler's)."""
-        hs = self.result.host_skipped
-        return bool(self.result.skipped) if hs is None else hs
+        """The skip decision as a Python bool: one read of the 0-d flag (on a GPU, a sync, as
+        GradScaler's). The CPU epilogue also returns it (``result.host_skipped``); the scaled path
+        reads the tensor all the same, so that both devices read it the one way."""
+        return bool(self.result.skipped)
 
     def found_inf(self) -> torch.Tensor | None:
         """What a fused optimizer's ``found_inf`` should be: the device flag, or, when the decision
@@ -156,8 +156,8 @@ class Guard:
         # "triton" force one (tests compare them)
         self.epilogue_impl: str | None = None
         self.last_stats: StepStats | None = None
-        self._bad: tuple[tuple[str, ...], torch.Tensor] | None = None
-        self._fused_ok: dict[torch.device, bool] = {}
+        self._bad: tuple | None = None  # (name list, names, int64 [T] counts, device) of the latest step
+        self._fused_ok: tuple[torch.device, bool] | None = None
         self._stats_kwargs = {"norm_types": (self.norm_type,), "histogram": False, "backend": self.backend,
                               **options.dist_kwargs}
 
@@ -208,17 +208,18 @@ class Guard:
         stats = _pkg.grad_stats(params, names=names, **self.stats_kwargs())
         dev = stats.raw.floats.device
         self.state.ensure(dev)
-        bad = self._bad_counts(stats.names, dev)
+        bad = self._bad_counts(names, stats.names, dev)
         result = self._epilogue(stats, amp_scale, amp_found, bad, (params, names), dev)
-        self._bad = (stats.names, result.bad)
+        self._bad = (names, stats.names, result.bad, dev)
         may_skip = self.skip_nonfinite or self.spike_skip is not None or amp_found is not None
         return Plan(params, names, stats, result, may_skip, amp_scale)
 
-    def _bad_counts(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        """The per-tensor non-finite counts of the latest bad step over these names (zeros for new names)."""
-        if self._bad is not None and self._bad[1].device == device and (
-                self._bad[0] is names or self._bad[0] == names):
-            return self._bad[1]
+    def _bad_counts(self, key: list[str], names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """The per-tensor non-finite counts of the latest bad step over these names (zeros for new
+        names). ``key``: the collector's name list, the same object while the parameter set stays."""
+        bad = self._bad
+        if bad is not None and (bad[0] is key or bad[1] == names) and bad[3] == device:
+            return bad[2]
         return torch.zeros(len(names), dtype=torch.int64, device=device)
 
     def _use_fused(self, device: torch.device) -> bool:
@@ -230,10 +231,10 @@ class Guard:
             if why is not None:
                 raise RuntimeError(f"fastgrad: epilogue_impl={impl!r} cannot run here: {why}")
             return True
-        ok = self._fused_ok.get(device)
-        if ok is None:
-            ok = self._fused_ok[device] = _ep.fused_why_not(device) is None
-        return ok
+        last = self._fused_ok
+        if last is None or last[0] != device:
+            last = self._fused_ok = (device, _ep.fused_why_not(device) is None)
+        return last[1]
 
     def _epilogue(self, stats, amp_scale, amp_found, bad, items, device) -> _ep.EpilogueResult:
         if self._use_fused(device):
@@ -291,7 +292,7 @@ class Guard:
         """Names of the gradients that held NaN/Inf in the most recent step that had any (one sync)."""
         if self._bad is None:
             return []
-        names, counts = self._bad
+        _, names, counts, _ = self._bad
         return [n for n, k in zip(names, counts.to("cpu").tolist()) if k]
 
     # -- checkpointing ----------------------------------------------------------------------
