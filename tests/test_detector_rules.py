@@ -401,3 +401,26 @@ def test_configs_and_argument_errors():
     assert make_detectors(van) == [van] and make_detectors([van]) == [van]
     for v in (None,):
         assert ExplodingDetector(max_norm=v, max_rms=v, z_threshold=v).config()["max_norm"] is None
+
+
+def test_flagged_keeps_the_episode_start_and_single_element_layers_can_die():
+    nf = NonFiniteDetector()
+    nf.update(record(1, [1.0, 1.0], total=math.nan, nan=[1, 0]))
+    nf.update(record(2, [1.0, 1.0], total=math.nan, nan=[1, 1]))
+    assert nf.flagged() == {"l0": 1, "l1": 2}  # l0 since step 1, l1 joined at 2
+    dead = DeadLayerDetector(patience=1)
+    (f,) = dead.update(record(0, [0.0, 1.0], numel=[1, 1], zero=[1, 0]))
+    assert f.layers == ("l0",)
+
+
+def test_base_detector_for_custom_subclasses():
+    from fastgrad.detectors import Detector
+
+    class Custom(Detector):
+        kind = "custom"
+
+    c = Custom()
+    assert c.config() == {"kind": "custom"} and c.flagged() == {}
+    with pytest.raises(NotImplementedError):
+        c.update(record(0, [1.0]))
+    assert make_detectors([c]) == [c]
