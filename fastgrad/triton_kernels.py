@@ -605,6 +605,23 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _pointer_table(plan: ChunkPlan, values: list[int], capturing: bool, staged: bool) -> torch.Tensor:
+    try:
+        return plan.table(values, capturing)
+    except CaptureMiss:
+        why = (
+            "some tensors are strided views read through a .contiguous() copy, whose address changes "
+            "every call: make them contiguous before capturing"
+            if staged
+            else "these pointers (or clamp bounds) were not seen before the capture began: run the same "
+            "call once before capturing (a warm-up), with the same tensors and arguments"
+        )
+        raise CaptureMiss(
+            f"fastgrad's Triton backend: no cached pointer table while a CUDA graph is being captured "
+            f"(an upload from a pooled host buffer would be replayed stale); {why}."
+        ) from None
+
+
 _PS: dict = {}
 
 
@@ -655,7 +672,7 @@ def grad_stats_full(tensors, spec: StatsSpec, chunk: int = CHUNK) -> tuple[RawSt
     srcs = [t if flat_readable(t) else t.contiguous() for t in tensors]
     addrs = [t.data_ptr() for t in srcs]
     plan = _plan(srcs, addrs, device, chunk, capturing)
-    ptrs = plan.table(addrs, capturing)
+    ptrs = _pointer_table(plan, addrs, capturing, staged=any(a is not b for a, b in zip(srcs, tensors)))
     ps_t = _ps_table(ps, npp, device, capturing)
     fpart = torch.empty(max(plan.num_items, 1), npp + 2, dtype=torch.float64, device=device)
     cpart = torch.empty(max(plan.num_items, 1), nslots, dtype=torch.int32, device=device)
@@ -729,7 +746,7 @@ def _elementwise(tensors, launch, extra: list[int], chunk: int) -> None:
     srcs = [copies.get(id(t), t) for t in tensors]
     addrs = [t.data_ptr() for t in srcs]
     plan = _plan(srcs, addrs, device, chunk, capturing)
-    ptrs = plan.table(addrs + extra, capturing)
+    ptrs = _pointer_table(plan, addrs + extra, capturing, staged=bool(staged))
     with _on(device):
         for g in plan.groups:
             if g.w1 > g.w0:

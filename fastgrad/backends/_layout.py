@@ -64,20 +64,26 @@ def overlap_layers(tensors) -> list[list[int]] | None:
     """
     spans = []
     for i, t in enumerate(tensors):
-        lo, hi = byte_span(t)
-        if hi > lo:
-            spans.append((lo, hi, i))
+        n = t.numel()
+        if n:
+            if t.is_contiguous():
+                p = t.data_ptr()
+                spans.append((p, p + n * t.element_size(), i))
+            else:
+                spans.append((*byte_span(t), i))
     if len(spans) < 2:
         return None
     spans.sort()
+    # Sweep in address order; `end` is the furthest end seen so far: in the common case (no
+    # overlap) every span starts at or after it, and nothing else is done.
     earlier: dict[int, list[int]] = {}  # i -> the earlier positions it overlaps
-    open_: list = []
-    for lo, hi, i in spans:
-        open_ = [s for s in open_ if s[0] > lo]
-        for _, j in open_:
-            a, b = min(i, j), max(i, j)
-            earlier.setdefault(b, []).append(a)
-        open_.append((hi, i))
+    end = spans[0][0]
+    for k, (lo, hi, i) in enumerate(spans):
+        if lo < end:
+            for olo, ohi, j in spans[:k]:
+                if ohi > lo:
+                    earlier.setdefault(max(i, j), []).append(min(i, j))
+        end = max(end, hi)
     if not earlier:
         return None
     layer = [0] * len(tensors)
