@@ -112,3 +112,55 @@ def test_cuda_kernels_registers_and_spills(arch):
         u = usage[kernel]
         assert u["regs"] <= max_regs and u["spill"] <= max_spill, f"sm_{arch} {kernel}: {u} (limit {max_regs} "\
             f"registers, {max_spill} bytes of spill stores); all: {usage}"
+
+
+HOST_CHECK = r"""
+#include "grad_stats_cuda.cu"
+#include <cstdio>
+// The prologue split of a chunk (head_to_boundary), run on the host: the head ends at the first
+// 16-byte boundary (or at n), is shorter than one vector, and a pointer that is not even aligned
+// to its element size gets -1 (all scalar).
+int main() {
+  using namespace fastgrad_cuda;
+  alignas(16) static char buf[4096];
+  int bad = 0;
+  auto check = [&](auto tag) {
+    using T = decltype(tag);
+    const int size = int(sizeof(T));
+    for (int off = 0; off < 64; off += size)
+      for (int n : {0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 100}) {
+        const T* p = reinterpret_cast<const T*>(buf + off);
+        const int64_t h = head_to_boundary(p, n);
+        const bool body_aligned = reinterpret_cast<uintptr_t>(p + (h < 0 ? 0 : h)) % 16 == 0;
+        if (h < 0 || h > n || (h < n && !body_aligned) || h >= 16 / size) {
+          std::printf("size %d offset %d n %d: head %lld\n", size, off, n, (long long)h);
+          ++bad;
+        }
+      }
+    if (size > 1 && head_to_boundary(reinterpret_cast<const T*>(buf + 1), 10) != -1) ++bad;
+  };
+  check(float());
+  check(double());
+  check(__half());
+  check(__nv_bfloat16());
+  std::printf(bad ? "FAIL\n" : "ok\n");
+  return bad != 0;
+}
+"""
+
+
+def test_misaligned_chunk_prologue_split_on_the_host(tmp_path):
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    src, exe = tmp_path / "host_check.cu", tmp_path / "host_check"
+    src.write_text(HOST_CHECK)
+    r = subprocess.run([nvcc, "-std=c++17", "-I", os.path.dirname(CUDA_SOURCE), "-gencode",
+                        "arch=compute_90,code=compute_90", str(src), "-o", str(exe)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr

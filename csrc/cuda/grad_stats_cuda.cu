@@ -127,7 +127,7 @@ __device__ double block_reduce(double v, double* scratch) {  // scratch: kNumWar
 // Values before the first 16-byte boundary at or after p (at most n; fewer than
 // 16 / sizeof(T)), or -1 when p is not even aligned to its element size.
 template <typename T>
-__device__ __forceinline__ int64_t head_to_boundary(const T* p, int64_t n) {
+__host__ __device__ __forceinline__ int64_t head_to_boundary(const T* p, int64_t n) {
   const unsigned mis = unsigned(reinterpret_cast<uintptr_t>(p) & 15u);
   if (mis % sizeof(T) != 0) return -1;
   const int64_t head = int64_t(((16u - mis) & 15u) / sizeof(T));
