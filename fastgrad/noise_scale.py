@@ -30,6 +30,10 @@ Where the two batch sizes come from:
   reads each bucket in the fused pass before and after the all-reduce
   (:func:`register_ddp_hook`). ``|G_small|^2`` is the mean over ranks of the local squared
   norms (one 8-byte all-reduce per step), so every rank holds the same estimate.
+- FSDP2: a custom reduce-scatter (``FSDPModule.set_custom_reduce_scatter``, public in torch
+  2.13) sees each FSDP group's reduce-scatter input, the rank's whole local unsharded gradient
+  of that group (zero-padded), before the reduction, and its output shard after it
+  (:func:`register_fsdp_hook`). The big batch is the reduce-scatter group (``world * b``).
 
 Nothing here synchronises with the host: the state is device tensors. Reading a value
 (``float(ns.b_simple)``, :meth:`NoiseScale.to_dict`) is the caller's sync.
@@ -42,7 +46,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["NoiseScale", "DDPNoiseScaleHook", "register_ddp_hook", "two_batch_estimates"]
+__all__ = ["NoiseScale", "DDPNoiseScaleHook", "FSDPNoiseScaleHook", "register_ddp_hook", "register_fsdp_hook",
+           "two_batch_estimates"]
 
 _Number = float | int | torch.Tensor
 
@@ -330,3 +335,97 @@ def register_ddp_hook(noise_scale: NoiseScale, ddp_model, *, batch_size: int,
     h = DDPNoiseScaleHook(noise_scale, pg, batch_size, hook, state)
     ddp_model.register_comm_hook(h, _comm_hook)
     return h
+
+
+class FSDPNoiseScaleHook:
+    """An FSDP2 reduce-scatter (duck-typed ``torch.distributed.fsdp`` ``ReduceScatter``) that
+    records ``|input|^2`` (the local gradient) and ``|output shard|^2`` (the reduced gradient)
+    of every reduce-scatter, then runs the reduce-scatter as FSDP's default does.
+
+    Call :meth:`step` once per optimizer step after ``backward()`` on every rank: one all-reduce
+    of two float64 numbers over the reduce-scatter group. Supported reductions: ``AVG`` (FSDP's
+    default for float32/bfloat16 gradients) and ``SUM`` (float16/float64 gradients, or
+    ``set_force_sum_reduction_for_comms``); the input may then be pre-divided by FSDP, which
+    scales both norms alike (B_simple is exact; ``gradient_sq`` and ``trace`` are in the units of
+    the reduce-scatter input, i.e. divided by FSDP's pre-divide factor squared). A custom
+    ``set_gradient_divide_factor`` (``PREMUL_SUM``) is refused: its factor cannot be read back.
+    """
+
+    def __init__(self, noise_scale: NoiseScale, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size (examples per rank per step) must be >= 1, got {batch_size}")
+        self.noise_scale = noise_scale
+        self.batch_size = int(batch_size)
+        self._local: list[torch.Tensor] = []
+        self._reduced: list[torch.Tensor] = []
+        self._group = None
+        self._op_avg: bool | None = None
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op,
+                 async_op: bool = False):
+        import torch.distributed as dist
+
+        if op == dist.ReduceOp.AVG:
+            avg = True
+        elif op == dist.ReduceOp.SUM:
+            avg = False
+        else:
+            raise RuntimeError(
+                f"fastgrad FSDP noise scale: reduce-scatter op {op} is not AVG or SUM (a custom "
+                "set_gradient_divide_factor?); its scale cannot be read back: remove the divide factor "
+                "or the noise-scale hook")
+        if self._group is not None and (group is not self._group or avg != self._op_avg):
+            raise RuntimeError("fastgrad FSDP noise scale: FSDP groups reduce over different process "
+                               "groups or ops; register one hook per reduce-scatter group")
+        self._group, self._op_avg = group, avg
+        self._local.append(_sq_norm([input_tensor]))
+        rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # FSDP's default
+        work = rs(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+        if async_op:  # the norm of the output needs the result: wait (stream-ordered on GPUs)
+            work.wait()
+        self._reduced.append(_sq_norm([output_tensor]))
+        return None if not async_op else work
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One step of the estimate from the reduce-scatters of the last backward (every rank)."""
+        import torch.distributed as dist
+
+        if not self._local:
+            raise RuntimeError("FSDPNoiseScaleHook.step(): no reduce-scatter since the last step (call it "
+                               "after backward() with gradient sync on, once per optimizer step)")
+        both = torch.stack([torch.stack(self._local).sum(), torch.stack(self._reduced).sum()])
+        self._local.clear()
+        self._reduced.clear()
+        dist.all_reduce(both, group=self._group)
+        world = dist.get_world_size(self._group)
+        small = both[0] / world  # mean over ranks of |local gradient|^2
+        # the output shards together are the mean (AVG) or the sum (SUM) of the ranks' inputs
+        big = both[1] if self._op_avg else both[1] / (world * world)
+        self.noise_scale.update(small, big, self.batch_size, self.batch_size * world)
+
+
+def register_fsdp_hook(noise_scale: NoiseScale, modules, *, batch_size: int) -> FSDPNoiseScaleHook:
+    """Install one :class:`FSDPNoiseScaleHook` as the reduce-scatter of every FSDP2 module in
+    ``modules`` (a Module: all its ``FSDPModule`` submodules, itself included); returns it.
+
+    Requirements: 1-D FSDP or HSDP whose reduce-scatter group has >= 2 ranks; each module one
+    FSDP param group (torch refuses custom reduce-scatters with per-parameter meshes); no other
+    custom reduce-scatter (this one replaces it). ``batch_size``: examples per rank per step.
+    Under HSDP the big batch is the shard group (``shard_size * batch_size``), a valid
+    two-batch estimate without the replicate all-reduce. With tensor parallelism each rank's
+    input is a TP shard of the gradient: not supported.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in (modules.modules() if isinstance(modules, torch.nn.Module) else modules)
+            if isinstance(m, FSDPModule)]
+    if not mods:
+        raise ValueError("register_fsdp_hook: no FSDP2 module (fully_shard) found")
+    hook = FSDPNoiseScaleHook(noise_scale, batch_size)
+    for m in mods:
+        m.set_custom_reduce_scatter(hook)
+    return hook

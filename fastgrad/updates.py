@@ -109,55 +109,79 @@ def _host(x):
 
 
 # -- the closed forms (each returns Δw in the weight's dtype; w is the weight after the step) -----
+# Written for few passes over memory: every temporary is fresh, so in-place ops on it are safe
+# (the optimizer's state and .grad are only read). ``_lin`` builds ``sum_i c_i * x_i`` in place
+# when the coefficients are numbers; device-tensor coefficients (capturable steps, tensor lr on
+# an accelerator) take plain tensor arithmetic.
+
+def _num(*xs) -> bool:
+    return all(not isinstance(x, torch.Tensor) for x in xs)
+
+
+def _lin(terms):
+    """``sum(c * x for c, x in terms)`` as a new tensor (None terms skipped)."""
+    terms = [(c, x) for c, x in terms if x is not None]
+    (c0, x0), rest = terms[0], terms[1:]
+    if _num(*(c for c, _ in terms)):
+        out = torch.mul(x0, c0)
+        for c, x in rest:
+            out.add_(x, alpha=c)
+        return out
+    out = x0 * c0
+    for c, x in rest:
+        out = out + x * c
+    return out
+
 
 def _adam(w, st, h, g):
     t = _host(st["step"])
     t = t.double() if isinstance(t, torch.Tensor) else t
     lr, eps, wd = _host(h["lr"]), h["eps"], _host(h["weight_decay"])
     b1, b2 = (_host(b) for b in h["betas"])
-    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+    bc1, s = 1 - b1 ** t, (1 - b2 ** t) ** 0.5
     v = st["max_exp_avg_sq"] if h.get("amsgrad", False) else st["exp_avg_sq"]
-    u = st["exp_avg"] / (v.sqrt() / bc2 ** 0.5 + eps) * (-lr / bc1)
-    if wd != 0 and h.get("decoupled_weight_decay", False):
-        return (u - (lr * wd) * w) / (1 - lr * wd)
-    return u
+    # m / (sqrt(v)/s + eps) = s * m / (sqrt(v) + eps s): one scale folded into the coefficient
+    denom = v.sqrt()
+    c = -lr * s / bc1
+    decoupled = wd != 0 and h.get("decoupled_weight_decay", False)
+    k = 1 / (1 - lr * wd) if decoupled else 1.0
+    if _num(c, s, k):
+        denom.add_(eps * s)
+        if decoupled:  # (u - lr wd w) / (1 - lr wd)
+            return torch.mul(w, -lr * wd * k).addcdiv_(st["exp_avg"], denom, value=c * k)
+        return torch.div(st["exp_avg"], denom, out=denom).mul_(c)
+    u = st["exp_avg"] / (denom + eps * s) * c
+    return (u - (lr * wd) * w) * k if decoupled else u
 
 
-def _signed_grad(g, h):
-    return -g if h.get("maximize", False) else g
+def _sign(h) -> float:
+    return -1.0 if h.get("maximize", False) else 1.0
 
 
 def _sgd(w, st, h, g):
     lr, wd, mu = _host(h["lr"]), _host(h["weight_decay"]), h["momentum"]
     if mu != 0 and not h["nesterov"]:
-        return st["momentum_buffer"] * (-lr)
-    d = _signed_grad(g, h)
-    if wd != 0:
-        d = d + wd * w
-    if mu != 0:
-        d = d + mu * st["momentum_buffer"]
-    return d * (-lr / (1 - lr * wd))
+        return _lin([(-lr, st["momentum_buffer"])])
+    k = -lr / (1 - lr * wd)
+    return _lin([(k * _sign(h), g), (k * wd if wd != 0 else 0.0, w if wd != 0 else None),
+                 (k * mu, st["momentum_buffer"] if mu != 0 else None)])
 
 
 def _adagrad(w, st, h, g):
     lr, wd, eps, decay = _host(h["lr"]), h["weight_decay"], h["eps"], h["lr_decay"]
     clr = lr / (1 + (_host(st["step"]) - 1) * decay)
-    d = _signed_grad(g, h)
-    if wd != 0:
-        d = d + wd * w
-    return d * (-clr) / (st["sum"].sqrt() + (eps - clr * wd))
+    d = _lin([(-clr * _sign(h), g), (-clr * wd, w if wd != 0 else None)])
+    return d.div_(st["sum"].sqrt().add_(eps - clr * wd)) if _num(clr) else d / (st["sum"].sqrt() + (eps - clr * wd))
 
 
 def _rmsprop(w, st, h, g):
     lr, wd, eps, mu = _host(h["lr"]), h["weight_decay"], h["eps"], h["momentum"]
     if mu > 0:
-        return st["momentum_buffer"] * (-lr)
+        return _lin([(-lr, st["momentum_buffer"])])
     sq = st["square_avg"]
-    avg = (sq - st["grad_avg"] * st["grad_avg"]).sqrt() if h["centered"] else sq.sqrt()
-    d = _signed_grad(g, h)
-    if wd != 0:
-        d = d + wd * w
-    return d * (-lr) / (avg + (eps - lr * wd))
+    avg = torch.addcmul(sq, st["grad_avg"], st["grad_avg"], value=-1).sqrt_() if h["centered"] else sq.sqrt()
+    d = _lin([(-lr * _sign(h), g), (-lr * wd, w if wd != 0 else None)])
+    return d.div_(avg.add_(eps - lr * wd)) if _num(lr) else d / (avg + (eps - lr * wd))
 
 
 # (formula, needs the gradient?(group), keeps a step counter)
@@ -329,7 +353,7 @@ class UpdateTracker:
                 if d is None:
                     d, wbefore = w.new_zeros(0), w
                 else:
-                    wbefore = w - d
+                    wbefore = torch.sub(w, d)
             upd.append(d)
             wb.append(wbefore)
             pending += d.numel() * d.element_size() * 2

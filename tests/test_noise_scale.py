@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastgrad.noise_scale import NoiseScale, register_ddp_hook, two_batch_estimates
+from fastgrad.noise_scale import NoiseScale, register_ddp_hook, register_fsdp_hook, two_batch_estimates
 
 D, SIGMA, E_NORM = 8, 1.0, 1.0
 B_TRUE = ((D + 1) * E_NORM**2 + D * SIGMA**2) / E_NORM**2  # 17
-JOIN_TIMEOUT = 120
+JOIN_TIMEOUT = 150  # seconds for a whole multi-rank run (as tests/test_distributed.py)
 
 
 def problem(seed: int = 0):
@@ -168,52 +168,72 @@ def test_nonfinite_step_leaves_state_and_errors():
 
 # -- DDP (gloo, CPU) -------------------------------------------------------------------------------
 
-def _ddp_entry(rank: int, world: int, store: str, steps: int, b: int) -> None:
+def _entry(rank: int, world: int, store: str, steps: int, b: int, kinds: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        w_star, w0 = problem()
-        lin = torch.nn.Linear(D, 1, bias=False).double()
-        with torch.no_grad():
-            lin.weight.copy_(w0)
-        model = torch.nn.parallel.DistributedDataParallel(lin)
-        ns = NoiseScale(beta=0.98)
-        hook = register_ddp_hook(ns, model, batch_size=b)
-        gen = torch.Generator().manual_seed(1000 + rank)
-        g2s, trs = [], []
-        for step in range(steps):
-            model.zero_grad(set_to_none=True)
-            x, y = batch(w_star, b, gen)
-            loss = 0.5 * ((model(x).squeeze(1) - y) ** 2).mean()
-            loss.backward()
-            hook.step()
-            g2s.append(float(ns.last_gradient_sq))
-            trs.append(float(ns.last_trace))
-            if step < 3:  # exactness: the hook's norms equal those of the per-example gradients
-                local = per_example_grads(w0, x, y).mean(0)
-                small = local.square().sum().reshape(1)
-                dist.all_reduce(small)
-                small = small[0] / world
-                big = lin.weight.grad.detach().reshape(-1).square().sum()
-                want = two_batch_estimates(small, big, b, world * b)
-                assert g2s[-1] == pytest.approx(float(want[0]), rel=1e-9, abs=1e-12)
-                assert trs[-1] == pytest.approx(float(want[1]), rel=1e-9)
-        every = [None] * world
-        dist.all_gather_object(every, (g2s, trs, float(ns.b_simple)))
-        assert all(e == every[0] for e in every), "ranks disagree on the estimates"
-        g2 = torch.tensor(g2s, dtype=torch.float64)
-        tr = torch.tensor(trs, dtype=torch.float64)
-        r, se = ratio_and_se(tr, g2)
-        assert se < 0.25 * B_TRUE, f"test too weak: SE {se}"
-        assert abs(r - B_TRUE) < 4 * se, f"{world} ranks: ratio of means {r} vs true {B_TRUE}, SE {se}"
+        for kind in kinds:
+            try:
+                _run_kind(rank, world, steps, b, kind)
+            except Exception as e:
+                raise AssertionError(f"rank {rank}/{world}, {kind}: {e}") from e
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, tmp_path, steps: int, b: int) -> None:
+def _run_kind(rank: int, world: int, steps: int, b: int, kind: str) -> None:
+    w_star, w0 = problem()
+    lin = torch.nn.Linear(D, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(w0)
+    ns = NoiseScale(beta=0.98)
+    if kind == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(lin)
+        hook = register_ddp_hook(ns, model, batch_size=b)
+        full_grad = lambda: lin.weight.grad.detach()  # noqa: E731
+    else:  # FSDP2; float64 gradients: FSDP reduces with SUM and a pre-divide factor
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = fully_shard(lin, mesh=init_device_mesh("cpu", (world,)))
+        hook = register_fsdp_hook(ns, model, batch_size=b)
+        full_grad = lambda: lin.weight.grad.full_tensor()  # noqa: E731
+    gen = torch.Generator().manual_seed(1000 + rank)
+    g2s, trs = [], []
+    for step in range(steps):
+        model.zero_grad(set_to_none=True)
+        x, y = batch(w_star, b, gen)
+        loss = 0.5 * ((model(x).squeeze(1) - y) ** 2).mean()
+        loss.backward()
+        hook.step()
+        g2s.append(float(ns.last_gradient_sq))
+        trs.append(float(ns.last_trace))
+        if step < 3:  # exactness: the hook's norms equal those of the per-example gradients
+            local = per_example_grads(w0, x, y).mean(0)
+            small = local.square().sum().reshape(1)
+            dist.all_reduce(small)
+            small = small[0] / world
+            big = full_grad().reshape(-1).square().sum()
+            want = two_batch_estimates(small, big, b, world * b)
+            # FSDP's pre-divide (float64 gradients: 2 for 2 and 4 ranks) scales both pieces
+            pre2 = 4.0 if kind == "fsdp" else 1.0
+            assert g2s[-1] * pre2 == pytest.approx(float(want[0]), rel=1e-9, abs=1e-12)
+            assert trs[-1] * pre2 == pytest.approx(float(want[1]), rel=1e-9)
+    every = [None] * world
+    dist.all_gather_object(every, (g2s, trs, float(ns.b_simple)))
+    assert all(e == every[0] for e in every), "ranks disagree on the estimates"
+    g2 = torch.tensor(g2s, dtype=torch.float64)
+    tr = torch.tensor(trs, dtype=torch.float64)
+    r, se = ratio_and_se(tr, g2)
+    assert se < 0.25 * B_TRUE, f"test too weak: SE {se}"
+    assert abs(r - B_TRUE) < 4 * se, f"{world} ranks: ratio of means {r} vs true {B_TRUE}, SE {se}"
+
+
+def _spawn(world: int, tmp_path, steps: int, b: int, kinds: list[str]) -> None:
     store = os.path.join(str(tmp_path), "store")
-    ctx = mp.start_processes(_ddp_entry, args=(world, store, steps, b), nprocs=world, join=False,
+    ctx = mp.start_processes(_entry, args=(world, store, steps, b, kinds), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + JOIN_TIMEOUT
     while not ctx.join(timeout=5):
@@ -221,9 +241,11 @@ def _spawn(world: int, tmp_path, steps: int, b: int) -> None:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            pytest.fail(f"{world}-rank noise-scale run did not finish in {JOIN_TIMEOUT}s")
+            pytest.fail(f"{world}-rank noise-scale run {kinds} did not finish in {JOIN_TIMEOUT}s")
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ddp_estimates_true_noise_scale(world, tmp_path):
-    _spawn(world, tmp_path, steps=500 if world == 2 else 300, b=4)
+def test_ddp_and_fsdp2_estimate_true_noise_scale(world, tmp_path):
+    """One spawn per world size (process start-up dominates): DDP, then FSDP2, each checked per
+    step against per-example gradients (1e-9) and over the run against B_simple (4 SE)."""
+    _spawn(world, tmp_path, steps=600 if world == 2 else 300, b=4, kinds=["ddp", "fsdp"])
