@@ -371,6 +371,10 @@ def reduce_stats(local: StatsResult, spec: StatsSpec, plan: DistPlan) -> StatsRe
         total, total_numel = aggregate(raw, spec, TOTAL), numel.sum().reshape(1)
     else:
         raw, numel, total, total_numel = local.raw, local.numel[:T], local.total, local.numel[T:]
+        keep = plan.mask(device)
+        if plan.cross and keep is not None:  # a one-rank stage with a "duplicate" row: not in the total
+            kept = RawStats(torch.where(keep[:, None], raw.floats, 0.0), torch.where(keep[:, None], raw.counts, 0))
+            total, total_numel = aggregate(kept, spec, TOTAL), torch.where(keep, numel, 0).sum().reshape(1)
     if plan.cross:
         if not plan.communicate:
             _check(plan, "rows", device)

@@ -85,6 +85,7 @@ def scenario_ep_submesh(rank: int, world: int) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    other_root = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_all",))
     for dtype in (torch.float32, torch.float64):
         dense_full = make_tensor(6 * 4, dtype, seed=1).reshape(6, 4) * 3
         expert_full = make_tensor(4 * 15, dtype, "wide", seed=2).reshape(4, 15)
@@ -101,12 +102,18 @@ def scenario_ep_submesh(rank: int, world: int) -> None:
         for p in (1.0, 3.0, math.inf):
             got = fastgrad.get_total_norm([expert, dense], p)
             assert got.item() == pytest.approx(fastgrad.get_total_norm([dense_full, expert_full], p).item(), rel=rel)
-        full = [("dense", dense_full), ("expert", expert_full)]
+        # several roots: a third gradient on its own 1-D mesh over the same 4 ranks
+        other_full = make_tensor(9 * 2, dtype, seed=3).reshape(9, 2)
+        other = distribute_tensor(other_full, other_root, [Shard(0)])
+        full = [("dense", dense_full), ("expert", expert_full), ("other", other_full)]
         with count_collectives() as (stats, _):
-            st = fastgrad.grad_stats([("dense", dense), ("expert", expert)], groups=["a", "b"], **STAT_KW)
+            st = fastgrad.grad_stats([("dense", dense), ("expert", expert), ("other", other)], groups=["a", "b", "b"],
+                                     **STAT_KW)
         assert len(stats) == 2, stats
-        assert_stats_equal(st, fastgrad.grad_stats(full, groups=["a", "b"], **STAT_KW), 1e-12, f"ep {dtype}")
+        assert_stats_equal(st, fastgrad.grad_stats(full, groups=["a", "b", "b"], **STAT_KW), 1e-12, f"ep {dtype}")
         same_on(all_ranks(), st.raw.floats, st.raw.counts, st.total.raw.floats, st.numel)
+        got = fastgrad.get_total_norm([other, expert, dense])
+        assert got.item() == pytest.approx(fastgrad.get_total_norm([t for _, t in full]).item(), rel=rel)
 
 
 # -- FSDP2 + EP: a toy MoE trained against one process ----------------------------------------------
@@ -414,6 +421,40 @@ def scenario_pp_tp(rank: int, world: int) -> None:
         torch.testing.assert_close(full.detach(), ref_params[n].detach(), rtol=TOL, atol=1e-12, msg=n)
 
 
+def scenario_pp_only(rank: int, world: int) -> None:
+    """4 stages of one rank each, plain tensors, an embedding tied between the first and last stage
+    (counted on the first, "duplicate" on the last): per-tensor rows need no collective, totals 2
+    all-reduces of one row over all stages, clipping 1."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
+    emb = make_tensor(12, torch.float32, "wide", seed=50)
+    layers = {r: [(f"layers.{r}.w", make_tensor(5 + r, torch.float32, seed=r))] for r in range(world)}
+    layers[0].insert(0, ("emb", emb))
+    layers[world - 1].append(("emb", emb.clone()))
+    mine = layers[rank]
+    placements = {"emb": "shard" if rank == 0 else "duplicate"}
+    model = [t for r in range(world) for n, t in layers[r] if not (r == world - 1 and n == "emb")]
+    want = fastgrad.grad_stats([(str(i), t) for i, t in enumerate(model)], **STAT_KW)
+    with count_collectives() as (stats, _):
+        st = fastgrad.grad_stats(mine, process_group=mesh, placements=placements, **STAT_KW)
+    assert [s for _, s in stats] == [world, world], stats
+    from conftest import assert_raw_close
+
+    assert_raw_close(st.raw, fastgrad.grad_stats(mine, **STAT_KW).raw, rel=0, what="local rows")
+    assert_raw_close(st.total.raw, want.total.raw, rel=1e-12, what="pp total")
+    assert int(st.total.numel) == sum(t.numel() for t in model)
+    same_on(all_ranks(), st.total.raw.floats, st.total.raw.counts, st.total.numel)
+    for p in (2.0, math.inf):
+        with count_collectives() as (stats, _):
+            n = fastgrad.get_total_norm([t for _, t in mine], p, process_group=mesh,
+                                        placements=lambda k: "duplicate" if (rank and mine[int(k[1:-1])][0] == "emb")
+                                        else "shard")
+        assert len(stats) == 1, stats
+        assert n.item() == pytest.approx(fastgrad.get_total_norm(model, p).item(), rel=1e-6)
+        same_on(all_ranks(), n)
+
+
 # -- layout mistakes ----------------------------------------------------------------------------------
 
 def scenario_mistakes(rank: int, world: int) -> None:
@@ -491,6 +532,7 @@ SCENARIOS = {
     "mix": scenario_dtensor_plain_mix,
     "pp_fsdp": scenario_pp_fsdp,
     "pp_tp": scenario_pp_tp,
+    "pp_only": scenario_pp_only,
     "mistakes": scenario_mistakes,
 }
 
@@ -531,4 +573,4 @@ def test_expert_hybrid_and_mixed_layouts(tmp_path):
 
 
 def test_pipeline_layouts_and_mistakes(tmp_path):
-    _spawn(tmp_path, ["pp_fsdp", "pp_tp", "mistakes"])
+    _spawn(tmp_path, ["pp_fsdp", "pp_tp", "pp_only", "mistakes"])
