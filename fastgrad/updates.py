@@ -27,9 +27,11 @@ Two paths, chosen per tensor in :meth:`UpdateTracker.before_step` (``UpdateStats
   - RMSprop: ``avg = sqrt(sq - centered * ga^2) + eps``; momentum: ``Δw = -lr * buf``, else
     ``Δw = -lr (±g + wd w) / (avg - lr wd)``.
 
-  Cost: reads the state (Adam: ``m``, ``v``, ``w``) and materialises ``Δw`` and ``w_b`` for at
-  most ``max_batch_bytes`` of tensors at a time, then one fused norm pass per batch; no memory
-  held between ``before_step`` and ``after_step``. A step that did not happen gives 0: the step
+  Cost: reads the state (Adam: ``m``, ``v``, ``w``) and writes ``Δw`` and ``w_b`` for at most
+  ``max_batch_bytes`` of tensors at a time into a workspace reused from step to step (it stays
+  allocated: at most ``max_batch_bytes`` plus two copies of the largest tensor, never more than
+  two copies of the monitored weights), then one fused norm pass per batch. Nothing is held
+  between ``before_step`` and ``after_step``. A step that did not happen gives 0: the step
   counter (Adam, Adagrad, RMSprop; it does not advance when a fused kernel skips on
   ``found_inf``), else whether ``step()`` ran, which tensors had a gradient at that moment and
   the ``found_inf`` it saw (SGD).
@@ -108,80 +110,110 @@ def _host(x):
     return x
 
 
-# -- the closed forms (each returns Δw in the weight's dtype; w is the weight after the step) -----
-# Written for few passes over memory: every temporary is fresh, so in-place ops on it are safe
-# (the optimizer's state and .grad are only read). ``_lin`` builds ``sum_i c_i * x_i`` in place
-# when the coefficients are numbers; device-tensor coefficients (capturable steps, tensor lr on
-# an accelerator) take plain tensor arithmetic.
+# -- the closed forms ---------------------------------------------------------------------------
+# Each writes Δw into ``out`` (like ``w``) and may use ``tmp`` (like ``w``) as scratch; ``w`` is the
+# weight after the step. The optimizer's state and .grad are only read. Written for few passes
+# over memory into reused buffers (on the CPU a fresh large tensor costs a page fault per 4 KiB:
+# more than the arithmetic). ``_lin`` builds ``sum_i c_i * x_i``; device-tensor coefficients
+# (capturable steps, a tensor lr on an accelerator) take plain tensor arithmetic.
 
 def _num(*xs) -> bool:
     return all(not isinstance(x, torch.Tensor) for x in xs)
 
 
-def _lin(terms):
-    """``sum(c * x for c, x in terms)`` as a new tensor (None terms skipped)."""
+def _lin(terms, out):
+    """``out = sum(c * x for c, x in terms)`` (None terms skipped)."""
     terms = [(c, x) for c, x in terms if x is not None]
     (c0, x0), rest = terms[0], terms[1:]
     if _num(*(c for c, _ in terms)):
-        out = torch.mul(x0, c0)
+        torch.mul(x0, c0, out=out)
         for c, x in rest:
             out.add_(x, alpha=c)
         return out
-    out = x0 * c0
+    acc = x0 * c0
     for c, x in rest:
-        out = out + x * c
-    return out
+        acc = acc + x * c
+    return out.copy_(acc)
 
 
-def _adam(w, st, h, g):
+def _adam(w, st, h, g, out, tmp):
     t = _host(st["step"])
     t = t.double() if isinstance(t, torch.Tensor) else t
     lr, eps, wd = _host(h["lr"]), h["eps"], _host(h["weight_decay"])
     b1, b2 = (_host(b) for b in h["betas"])
     bc1, s = 1 - b1 ** t, (1 - b2 ** t) ** 0.5
     v = st["max_exp_avg_sq"] if h.get("amsgrad", False) else st["exp_avg_sq"]
-    # m / (sqrt(v)/s + eps) = s * m / (sqrt(v) + eps s): one scale folded into the coefficient
-    denom = v.sqrt()
+    m = st["exp_avg"]
+    # m / (sqrt(v)/s + eps) = s * m / (sqrt(v) + eps s): the scale folded into the coefficient
+    denom = torch.sqrt(v, out=tmp)
     c = -lr * s / bc1
     decoupled = wd != 0 and h.get("decoupled_weight_decay", False)
     k = 1 / (1 - lr * wd) if decoupled else 1.0
     if _num(c, s, k):
         denom.add_(eps * s)
         if decoupled:  # (u - lr wd w) / (1 - lr wd)
-            return torch.mul(w, -lr * wd * k).addcdiv_(st["exp_avg"], denom, value=c * k)
-        return torch.div(st["exp_avg"], denom, out=denom).mul_(c)
-    u = st["exp_avg"] / (denom + eps * s) * c
-    return (u - (lr * wd) * w) * k if decoupled else u
+            return torch.mul(w, -lr * wd * k, out=out).addcdiv_(m, denom, value=c * k)
+        return torch.div(m, denom, out=out).mul_(c)
+    u = m / (denom + eps * s) * c
+    return out.copy_((u - (lr * wd) * w) * k if decoupled else u)
 
 
 def _sign(h) -> float:
     return -1.0 if h.get("maximize", False) else 1.0
 
 
-def _sgd(w, st, h, g):
+def _sgd(w, st, h, g, out, tmp):
     lr, wd, mu = _host(h["lr"]), _host(h["weight_decay"]), h["momentum"]
     if mu != 0 and not h["nesterov"]:
-        return _lin([(-lr, st["momentum_buffer"])])
+        return _lin([(-lr, st["momentum_buffer"])], out)
     k = -lr / (1 - lr * wd)
-    return _lin([(k * _sign(h), g), (k * wd if wd != 0 else 0.0, w if wd != 0 else None),
-                 (k * mu, st["momentum_buffer"] if mu != 0 else None)])
+    return _lin([(k * _sign(h), g), (k * wd, w if wd != 0 else None),
+                 (k * mu, st["momentum_buffer"] if mu != 0 else None)], out)
 
 
-def _adagrad(w, st, h, g):
+def _adagrad(w, st, h, g, out, tmp):
     lr, wd, eps, decay = _host(h["lr"]), h["weight_decay"], h["eps"], h["lr_decay"]
     clr = lr / (1 + (_host(st["step"]) - 1) * decay)
-    d = _lin([(-clr * _sign(h), g), (-clr * wd, w if wd != 0 else None)])
-    return d.div_(st["sum"].sqrt().add_(eps - clr * wd)) if _num(clr) else d / (st["sum"].sqrt() + (eps - clr * wd))
+    d = _lin([(-clr * _sign(h), g), (-clr * wd, w if wd != 0 else None)], out)
+    return d.div_(torch.sqrt(st["sum"], out=tmp).add_(eps - clr * wd))
 
 
-def _rmsprop(w, st, h, g):
+def _rmsprop(w, st, h, g, out, tmp):
     lr, wd, eps, mu = _host(h["lr"]), h["weight_decay"], h["eps"], h["momentum"]
     if mu > 0:
-        return _lin([(-lr, st["momentum_buffer"])])
+        return _lin([(-lr, st["momentum_buffer"])], out)
     sq = st["square_avg"]
-    avg = torch.addcmul(sq, st["grad_avg"], st["grad_avg"], value=-1).sqrt_() if h["centered"] else sq.sqrt()
-    d = _lin([(-lr * _sign(h), g), (-lr * wd, w if wd != 0 else None)])
-    return d.div_(avg.add_(eps - lr * wd)) if _num(lr) else d / (avg + (eps - lr * wd))
+    if h["centered"]:
+        avg = torch.addcmul(sq, st["grad_avg"], st["grad_avg"], value=-1, out=tmp).sqrt_()
+    else:
+        avg = torch.sqrt(sq, out=tmp)
+    d = _lin([(-lr * _sign(h), g), (-lr * wd, w if wd != 0 else None)], out)
+    return d.div_(avg.add_(eps - lr * wd))
+
+
+class _Workspace:
+    """Flat buffers per (dtype, device), handed out as views and reused from step to step."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.used: dict[tuple, int] = {}
+
+    def reset(self) -> None:
+        self.used.clear()
+
+    def take(self, like: torch.Tensor, need_total: int) -> torch.Tensor:
+        key = (like.dtype, like.device)
+        start = self.used.get(key, 0)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < max(start + like.numel(), need_total):
+            # grows only while a batch is being filled for the first time at this size
+            size = max(start + like.numel(), need_total)
+            new = torch.empty(size, dtype=like.dtype, device=like.device)
+            if buf is not None and start:
+                raise RuntimeError("internal: workspace grown mid-batch")
+            buf = self.buffers[key] = new
+        self.used[key] = start + like.numel()
+        return buf[start:start + like.numel()].view(like.shape)
 
 
 # (formula, needs the gradient?(group), keeps a step counter)
@@ -241,6 +273,7 @@ class UpdateTracker:
         self._formula = _formula_for(optimizer) if mode == "auto" else None
         self._armed: dict[str, Any] | None = None
         self._segments: dict[tuple, Any] = {}
+        self._workspace = _Workspace()
         self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
                          optimizer.register_step_post_hook(self._post_hook)]
 
@@ -318,6 +351,9 @@ class UpdateTracker:
         wb: list[torch.Tensor] = []
         norms_u: list[torch.Tensor] = []
         norms_w: list[torch.Tensor] = []
+        ws = self._workspace
+        ws.reset()
+        plan = self._batches(a)
         pending = 0
 
         def flush():
@@ -328,6 +364,7 @@ class UpdateTracker:
                 norms_w.append(n[len(upd):])
                 upd.clear()
                 wb.clear()
+            ws.reset()  # the views are free again: later writes are ordered after the norm pass
             pending = 0
 
         for i, p in enumerate(a["params"]):
@@ -335,11 +372,11 @@ class UpdateTracker:
             snap = a["snaps"][i]
             if snap is not None:
                 if w.dtype in (torch.float16, torch.bfloat16):
-                    d, wbefore = w.float() - snap.float(), snap
+                    d, wbefore = w.float() - snap.float(), snap  # exact difference, no rounding
                 elif w.is_complex():
                     d, wbefore = torch.view_as_real(w - snap), torch.view_as_real(snap)
                 else:
-                    d, wbefore = w - snap, snap
+                    d, wbefore = torch.sub(w, snap, out=ws.take(w, plan[(w.dtype, w.device)])), snap
             else:
                 d = None
                 if a["stepped"] and a["has_grad"][i]:
@@ -347,16 +384,17 @@ class UpdateTracker:
                     st = opt.state.get(p, {})
                     keep = self._keep(a, i, st)
                     if not (isinstance(keep, float) and keep == 0.0):
-                        d = formula[0](w, st, h, p.grad)
+                        need = plan[(w.dtype, w.device)]
+                        out, tmp = ws.take(w, need), ws.take(w, need)
+                        d = formula[0](w, st, h, p.grad, out, tmp)
                         if not isinstance(keep, float) or keep != 1.0:
-                            d = d * keep
+                            d.mul_(keep)
+                        wbefore = torch.sub(w, d, out=tmp)
                 if d is None:
                     d, wbefore = w.new_zeros(0), w
-                else:
-                    wbefore = torch.sub(w, d)
             upd.append(d)
             wb.append(wbefore)
-            pending += d.numel() * d.element_size() * 2
+            pending += 2 * w.numel() * w.element_size()
             if pending >= self.max_batch_bytes:
                 flush()
         flush()
@@ -364,6 +402,22 @@ class UpdateTracker:
         un = torch.cat(norms_u) if norms_u else torch.zeros(0, dtype=torch.float64, device=dev)
         wn = torch.cat(norms_w) if norms_w else torch.zeros(0, dtype=torch.float64, device=dev)
         return self._rows(a, un, wn)
+
+    def _batches(self, a) -> dict[tuple, int]:
+        """Workspace elements per (dtype, device): two buffers per tensor over the largest batch,
+        so that the buffers are allocated once, at their final size."""
+        need: dict[tuple, int] = {}
+        cur: dict[tuple, int] = {}
+        pending = 0
+        for p in a["params"]:
+            key = (p.dtype, p.device)
+            cur[key] = cur.get(key, 0) + 2 * p.numel()
+            need[key] = max(need.get(key, 0), cur[key])
+            pending += 2 * p.numel() * p.element_size()
+            if pending >= self.max_batch_bytes:
+                cur.clear()
+                pending = 0
+        return need
 
     def _keep(self, a, i, st):
         """1 if the tensor was updated by this step, else 0 (a float, or a device 0-d tensor)."""

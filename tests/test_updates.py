@@ -250,17 +250,35 @@ def test_partial_gradients_and_groups_argument():
     assert d["tensors"]["0.bias"]["update_ratio"] == 0.0
 
 
-def test_small_batches_and_errors():
+@pytest.mark.parametrize("batch_bytes", [1, 3000, 1 << 28])
+def test_batches_and_workspace_reuse(batch_bytes):
+    """One tensor per fused pass, a few per pass, all in one; the workspace is reused over steps."""
+    model = make_model(torch.float64)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    tracker = UpdateTracker(opt, max_batch_bytes=batch_bytes)
+    for step in range(3):
+        set_grads(model, step)
+        before = [p.detach().double().clone() for p in model.parameters()]
+        tracker.before_step()
+        opt.step()
+        upd = tracker.after_step()
+        un, wn = reference(list(model.parameters()), before, [[0, 1, 2, 3]])[:2]
+        torch.testing.assert_close(upd.update_norms, un, rtol=1e-6, atol=0)
+        torch.testing.assert_close(upd.param_norms, wn, rtol=1e-6, atol=0)
+    held = sum(b.numel() for b in tracker._workspace.buffers.values())
+    largest = max(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert held <= max(2 * total if batch_bytes > 8 * 2 * total else 0, batch_bytes // 8 + 2 * largest)
+
+
+def test_errors():
     model = make_model(torch.float64)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    tracker = UpdateTracker(opt, max_batch_bytes=1)  # one tensor per fused pass
+    tracker = UpdateTracker(opt)
     set_grads(model, 0)
-    before = [p.detach().double().clone() for p in model.parameters()]
     tracker.before_step()
     opt.step()
     upd = tracker.after_step()
-    un = reference(list(model.parameters()), before, [[0, 1, 2, 3]])[0]
-    torch.testing.assert_close(upd.update_norms, un, rtol=1e-6, atol=0)
     assert upd.names == ("0.0", "0.1", "0.2", "0.3")
     with pytest.raises(RuntimeError, match="before_step"):
         tracker.after_step()
