@@ -127,6 +127,33 @@ def test_accumulation_step_is_exact(reduction):
         assert tr == pytest.approx(float(want[1]), rel=1e-9)
 
 
+def test_accumulation_scale_and_total_norm_arguments():
+    """A loss scale S divided out by ``scale=S``, and the big norm given as ``total_norm``
+    (e.g. the monitor's), give the same estimates as the plain call."""
+    import fastgrad
+
+    w_star, w0 = problem()
+    results = []
+    for loss_scale, use_total in ((1.0, False), (8.0, True)):
+        model = torch.nn.Linear(D, 1, bias=False).double()
+        with torch.no_grad():
+            model.weight.copy_(w0)
+        ns, gen = NoiseScale(beta=0.5), torch.Generator().manual_seed(5)
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            for i in range(3):
+                x, y = batch(w_star, 2, gen)
+                (loss_scale * 0.5 * ((model(x).squeeze(1) - y) ** 2).mean() / 3).backward()
+                if i == 0:
+                    ns.first_micro_batch(model)
+            total = fastgrad.get_total_norm([model.weight.grad]) if use_total else None
+            ns.accumulated(None if use_total else model, micro_batch_size=2, micro_batches=3,
+                           total_norm=total, scale=loss_scale if use_total else None)
+        results.append(ns.to_dict())
+    assert results[1] == pytest.approx(results[0], rel=1e-12)
+    assert results[0]["steps"] == 3
+
+
 def test_accumulation_estimates_true_noise_scale():
     steps, k, b = 600, 4, 4
     ns, rows, _ = _accumulation_run(steps, k, b, "mean")
