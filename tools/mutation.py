@@ -100,10 +100,20 @@ def prepare(name: str, workdir: Path) -> Path:
     return dest
 
 
+_GENERATE = """
+import os
+import mutmut.__main__ as m
+from mutmut.utils.file_utils import setup_source_paths
+m.set_mutant_under_test("mutant_generation")
+os.makedirs("mutants", exist_ok=True)
+m.copy_src_dir(); m.copy_also_copy_files(); setup_source_paths(); m.create_mutants(1)
+"""
+
+
 def mutant_names(dest: Path, env: dict) -> list[str]:
-    """Generate the mutants (and the test map) without testing any: names from the .meta files."""
-    subprocess.run(["nice", "-n", "10", "mutmut", "print-time-estimates"], cwd=dest, env=env,
-                   capture_output=True, text=True)
+    """Generate the mutants without testing any (mutmut's own first step of ``run``, which then
+    reuses them): the names from the .meta files."""
+    subprocess.run([sys.executable, "-c", _GENERATE], cwd=dest, env=env, check=True, capture_output=True)
     names: list[str] = []
     for meta in sorted(dest.glob("mutants/**/*.meta")):
         names += list(json.loads(meta.read_text())["exit_code_by_key"])
@@ -137,6 +147,8 @@ def run(name: str, args: argparse.Namespace) -> dict:
         timed_out = True
     seconds = time.monotonic() - t0
     v = verdicts(dest)
+    if args.sample and not selected:
+        raise RuntimeError(f"{name}: no mutants generated to sample from")
     if selected:
         v = {k: s for k, s in v.items() if k in set(selected)}
     counts: dict[str, int] = {}
