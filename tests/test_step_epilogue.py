@@ -278,3 +278,52 @@ def test_triton_epilogue_matches_reference_interpreted():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "OK", out.stdout[-3000:]
+
+
+@pytest.mark.skipif(not _triton_installed(), reason="Triton is not installed")
+@pytest.mark.filterwarnings("ignore")
+def test_triton_epilogue_compiles_for_sm90_without_fma():
+    """The compiled kernel (no GPU needed to build it): every clipper kind with SpikeSkip, a GradScaler
+    and the inf-norm, for sm_90; with FP fusion off, no float64 multiply-add is contracted (the
+    reference rounds a * b + c twice)."""
+    script = textwrap.dedent("""
+        import sys
+        try:
+            import triton
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import ASTSource
+            from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        except Exception as e:
+            print("skip:", e); sys.exit(0)
+        from fastgrad import step_epilogue_triton as K
+        assert not K.INTERPRETED
+        sig = {"total_row": "*fp64", "total_counts": "*i64", "tensor_counts": "*i64", "bad": "*i64",
+               "amp_scale": "*fp32", "amp_found": "*fp32", "counters": "*i64", "spike_buf": "*fp64",
+               "spike_count": "*i64", "spike_pos": "*i64", "clip_buf": "*fp64", "clip_count": "*i64",
+               "clip_pos": "*i64", "clip_mean": "*fp64", "clip_var": "*fp64", "out_f64": "*fp64", "out_bool": "*i1",
+               "fold_out": "*fp32", "T": "i32", "counts_stride": "i32", "spike_window": "i32", "clip_len": "i32",
+               "reals": "*fp64"}
+        for kind, norm_col in ((0, 0), (1, -1), (2, 0), (3, 0)):
+            consts = dict(NORM_COL=norm_col, MAX_COL=1, NONFINITE_COLS=3, HAS_AMP=True, HAS_FOUND=True,
+                          SKIP_NONFINITE=True, HAS_SPIKE=True, SPIKE_BLOCK=128, KIND=kind,
+                          CLIP_BLOCK=1024 if kind == 2 else 32, Z_ADAPTIVE=True, HAS_BAD=True, T_BLOCK=16)
+            try:
+                k = triton.compile(ASTSource(fn=K._step_epilogue_kernel,
+                                             signature=dict(sig, **{c: "constexpr" for c in consts}), constexprs=consts),
+                                   target=GPUTarget("cuda", 90, 32),
+                                   options={"num_warps": 4 if kind == 2 else 1, "enable_fp_fusion": False})
+            except Exception as e:
+                if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+                    print("skip:", e); sys.exit(0)
+                raise
+            assert k.asm["cubin"], kind
+            assert "fma.rn.f64" not in k.asm["ptx"], f"kind {kind}: a float64 multiply-add was contracted"
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    if last.startswith("skip:"):
+        pytest.skip(last)
+    assert last == "ok", out.stdout[-2000:]
