@@ -252,8 +252,8 @@ class UpdateTracker:
         mode: ``"auto"`` (derive where a closed form exists) or ``"snapshot"`` (always copy).
         max_batch_bytes: temporaries materialised per fused norm pass on the derived path.
 
-    The tracker registers a step pre-hook and post-hook on ``optimizer`` (``remove()`` takes
-    them off); they record, when armed by :meth:`before_step`, whether ``step()`` ran, which
+    The tracker registers a step pre-hook on ``optimizer`` (``remove()`` takes it off); it
+    records, when armed by :meth:`before_step`, whether ``step()`` ran, which
     tensors had a gradient at that moment and any ``found_inf`` passed to a fused kernel.
     Register the tracker after ``fastgrad.attach`` (hooks run in registration order), or call
     :meth:`note_step` from a wrapper that steps the optimizer another way.
@@ -274,8 +274,7 @@ class UpdateTracker:
         self._armed: dict[str, Any] | None = None
         self._segments: dict[tuple, Any] = {}
         self._workspace = _Workspace()
-        self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
-                         optimizer.register_step_post_hook(self._post_hook)]
+        self._handles = [optimizer.register_step_pre_hook(self._pre_hook)]
 
     def remove(self) -> None:
         """Take the tracker's hooks off the optimizer."""
@@ -287,10 +286,6 @@ class UpdateTracker:
     def _pre_hook(self, opt, args, kwargs) -> None:
         found_inf = (kwargs or {}).get("found_inf", getattr(opt, "found_inf", None))
         self.note_step(found_inf=found_inf)
-
-    def _post_hook(self, opt, args, kwargs) -> None:
-        if self._armed is not None:
-            self._armed["done"] = True
 
     def note_step(self, found_inf: torch.Tensor | None = None) -> None:
         """Record that the optimizer is about to step now (called by the pre-hook): which tensors
@@ -333,7 +328,7 @@ class UpdateTracker:
             labels = group_labels(names, self._groups_arg)
         self._armed = {"params": params, "names": tuple(names), "labels": tuple(labels),
                        "paths": tuple(paths), "group_index": kinds, "snaps": snaps, "counters": counters,
-                       "stepped": False, "done": False, "found_inf": None,
+                       "stepped": False, "found_inf": None,
                        "has_grad": [p.grad is not None for p in params]}
 
     @torch.no_grad()
