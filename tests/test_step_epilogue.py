@@ -136,9 +136,10 @@ needs_cpp = pytest.mark.skipif(ep.fused_why_not(torch.device("cpu"), "cpu") is n
 
 
 @needs_cpp
+@pytest.mark.parametrize("impl", ["cpu", None])  # None: the automatic choice, with its cached fast call
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_cpu_epilogue_matches_reference(config):
-    bad = mismatches(config, "cpu")
+def test_cpu_epilogue_matches_reference(config, impl):
+    bad = mismatches(config, impl)
     assert not bad, "\n".join(bad[:10])
 
 
