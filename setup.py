@@ -12,7 +12,13 @@ Environment:
   FASTGRAD_FORCE_CUDA    1: build the CUDA extension and fail loudly if it breaks; 0: never build it
   TORCH_CUDA_ARCH_LIST   CUDA architectures, e.g. "8.0;9.0" (default) or "9.0a+PTX"
   CUDA_HOME              where nvcc lives (default: the nvcc on PATH)
-  FASTGRAD_CPU_ARCH      value for -march (default "native"; "" to omit)
+  FASTGRAD_CPU_ARCH      the CPU kernels' instruction sets:
+                         unset, "" or "dispatch" (default, wheels and source builds): the portable
+                           baseline (any x86-64 / aarch64) plus, on x86-64 with GCC, AVX2 and AVX-512
+                           paths chosen at import (csrc/cpu/cpu_dispatch.cpp; FASTGRAD_CPU_ISA forces one);
+                         any other value, e.g. "native": one path compiled with -march=<value>, for this
+                           machine only (never ship such a build).
+  FASTGRAD_BUILD_JOBS    parallel compiler processes (default: the number of CPUs)
 """
 
 import os
@@ -20,11 +26,21 @@ import shutil
 import subprocess
 import tempfile
 
-from pybind11.setup_helpers import Pybind11Extension
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, naive_recompile
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 CUDA_SOURCES = ["csrc/cuda/grad_stats_cuda.cu"]
+# The kernels are compiled once per instruction-set path (csrc/cpu/isa.h): the
+# wrappers in csrc/cpu/isa/ are the AVX2 / AVX-512 builds (empty elsewhere).
+CPU_SOURCES = [
+    "csrc/bindings.cpp", "csrc/cpu/cpu_dispatch.cpp", "csrc/cpu/grad_stats_cpu.cpp", "csrc/cpu/scale_cpu.cpp",
+    "csrc/cpu/isa/grad_stats_cpu_avx2.cpp", "csrc/cpu/isa/grad_stats_cpu_avx512.cpp",
+    "csrc/cpu/isa/scale_cpu_avx2.cpp", "csrc/cpu/isa/scale_cpu_avx512.cpp",
+    "csrc/cpu/step_epilogue_cpu.cpp",
+]
+# Any edit of a header rebuilds everything (naive_recompile compares times only).
+CPU_HEADERS = ["csrc/cpu/isa.h", "csrc/cpu/tensor_view.h", "csrc/cpu/step_epilogue_cpu.h", "csrc/common/plain_reader.h"]
 
 
 def _compiles(compiler, flags) -> bool:
@@ -55,6 +71,16 @@ def _cudart_dir(nvcc: str) -> str:
             if root and os.path.exists(os.path.join(root, lib, "libcudart_static.a")):
                 return os.path.join(root, lib)
     raise RuntimeError(f"libcudart_static.a not found near {nvcc}; set CUDA_HOME")
+
+
+def _dispatch_paths() -> str:
+    """The CPU paths a dispatch build holds (csrc/cpu/isa.h: the variants need x86-64 and GCC)."""
+    import platform
+    import sysconfig
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    cc = (sysconfig.get_config_var("CC") or "") + " " + os.environ.get("CC", "")
+    return "baseline, avx2, avx512" if x86 and "clang" not in cc else "baseline"
 
 
 def _gpu_visible() -> bool:
@@ -90,17 +116,27 @@ class BuildExt(build_ext):
     def build_extension(self, ext):
         if ext.name == "fastgrad._cuda":
             return self._build_cuda(ext)
-        flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
-        arch = os.environ.get("FASTGRAD_CPU_ARCH", "native")
-        if arch and _compiles(self.compiler, [f"-march={arch}"]):
-            flags.append(f"-march={arch}")
+        # -ffp-contract=off: no fused multiply-add where a path has FMA, so every
+        # path (and a -march build) rounds the same sums the same way.
+        # -Wno-psabi: the 64-byte vector types cross only inlined, same-path calls.
+        flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-Wno-psabi"]
+        arch = os.environ.get("FASTGRAD_CPU_ARCH", "dispatch")
+        if arch in ("", "dispatch"):
+            paths = "runtime dispatch: " + _dispatch_paths()
+        elif _compiles(self.compiler, [f"-march={arch}"]):
+            flags += [f"-march={arch}", f"-DFASTGRAD_CPU_SINGLE_PATH={arch}"]
+            paths = f"one path, -march={arch}: this machine only"
+            print(f"fastgrad: FASTGRAD_CPU_ARCH={arch}: the CPU kernels run only on CPUs like this one; "
+                  "do not distribute this build (unset FASTGRAD_CPU_ARCH for a portable one)")
+        else:
+            raise RuntimeError(f"FASTGRAD_CPU_ARCH={arch}: the compiler does not accept -march={arch}")
         if _compiles(self.compiler, ["-fopenmp"]):
             flags.append("-fopenmp")
             ext.extra_link_args = [*ext.extra_link_args, "-fopenmp"]
         ext.extra_compile_args = [*ext.extra_compile_args, *flags]
         try:
             super().build_extension(ext)
-            self._built.append("cpu (C++" + (", OpenMP" if "-fopenmp" in flags else "") + ")")
+            self._built.append("cpu (C++" + (", OpenMP" if "-fopenmp" in flags else "") + f"; {paths})")
         except Exception as e:  # noqa: BLE001 - any compiler failure means: fall back
             print(f"fastgrad: C++ CPU backend not built ({e}); the reference backend will be used")
 
@@ -133,11 +169,15 @@ class BuildExt(build_ext):
               + "; triton at run time if installed")
 
 
+# The CPU sources compile in parallel (the kernels three times: one per path).
+ParallelCompile("FASTGRAD_BUILD_JOBS", needs_recompile=naive_recompile).install()
+
 ext_modules = [
     Pybind11Extension(
         "fastgrad._C",
-        ["csrc/bindings.cpp", "csrc/cpu/grad_stats_cpu.cpp", "csrc/cpu/scale_cpu.cpp", "csrc/cpu/step_epilogue_cpu.cpp"],
+        CPU_SOURCES,
         include_dirs=["csrc"],
+        depends=CPU_HEADERS,
         cxx_std=17,
     )
 ]

@@ -26,6 +26,17 @@
 // p other than 1 and 2, are re-read (the chunk is still in cache) as
 // s = sum (|x| / m)^p with m a power of two near the chunk's max|x|.
 
+//
+// Instruction sets: this file is compiled once per path of csrc/cpu/isa.h
+// (portable baseline, AVX2, AVX-512; cpu_dispatch.cpp picks one at run
+// time). All paths give bitwise identical results: the vector code uses
+// 16-lane types whatever the ISA, reductions run in a fixed order (no
+// `omp simd reduction`, whose lane count would follow the vector width),
+// and the build disables FMA contraction (-ffp-contract=off).
+
+#include "isa.h"
+#if FASTGRAD_ISA_BUILD
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -37,11 +48,13 @@
 
 #include "tensor_view.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // before the target pragma: the intrinsics carry their own target attributes
 #endif
 
+FASTGRAD_ISA_TARGET_BEGIN
 namespace fastgrad {
+namespace FASTGRAD_ISA_NS {
 
 namespace {
 
@@ -653,17 +666,29 @@ NormPair scaled_pass(const TensorDesc& d, int64_t begin, int64_t end, double p, 
   k = std::min(std::max(k, -1021), 1023);
   const double inv = std::ldexp(1.0, -k);
   double s = 0;
+  // p = 1, 2: eight running sums in a fixed order (lane l takes the elements
+  // i = l mod 8), summed at the block's end: the same on every ISA path, and
+  // still vectorised (an `omp simd reduction` would take as many lanes as the
+  // path's vector width, and so different roundings).
+  auto lanes8 = [](const C* x, int64_t n, auto term) {
+    double lane[8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      for (int l = 0; l < 8; ++l) lane[l] += term(x[i + l]);
+    double acc = 0;
+    for (int l = 0; l < 8; ++l) acc += lane[l];
+    for (; i < n; ++i) acc += term(x[i]);
+    return acc;
+  };
   for_each_block<C>(d, begin, end, buf, [&](const C* x, int64_t n) {
     double acc = 0;
     if (p == 2.0) {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < n; ++i) {
-        const double a = std::fabs(double(x[i])) * inv;
-        acc += a * a;
-      }
+      acc = lanes8(x, n, [inv](C v) {
+        const double a = std::fabs(double(v)) * inv;
+        return a * a;
+      });
     } else if (p == 1.0) {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < n; ++i) acc += std::fabs(double(x[i])) * inv;
+      acc = lanes8(x, n, [inv](C v) { return std::fabs(double(v)) * inv; });
     } else {
       for (int64_t i = 0; i < n; ++i) acc += std::pow(std::fabs(double(x[i])) * inv, p);
     }
@@ -935,4 +960,8 @@ void total_row_cpu(const std::vector<double>& ps, int64_t T, int ncounts, double
     for (int c = 0; c < ncounts; ++c) cout[c] += counts[t * ncounts + c];
 }
 
+}  // namespace FASTGRAD_ISA_NS
 }  // namespace fastgrad
+FASTGRAD_ISA_TARGET_END
+
+#endif  // FASTGRAD_ISA_BUILD

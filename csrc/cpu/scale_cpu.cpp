@@ -5,13 +5,21 @@
 // Arithmetic follows torch's CPU kernels: half and bfloat16 values are
 // computed in float and rounded to nearest even once; the scale factor is
 // applied as float for all but float64 tensors.
+//
+// Compiled once per instruction-set path (csrc/cpu/isa.h); elementwise, so
+// every path writes the same bits.
+#include "isa.h"
+#if FASTGRAD_ISA_BUILD
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "tensor_view.h"
 
+FASTGRAD_ISA_TARGET_BEGIN
 namespace fastgrad {
+namespace FASTGRAD_ISA_NS {
 
 namespace {
 
@@ -91,4 +99,8 @@ void clamp_cpu(const std::vector<TensorDesc>& descs, double lo, double hi, int n
   apply_inplace(descs, num_threads, Clamp{lo, hi, float(lo), float(hi)});
 }
 
+}  // namespace FASTGRAD_ISA_NS
 }  // namespace fastgrad
+FASTGRAD_ISA_TARGET_END
+
+#endif  // FASTGRAD_ISA_BUILD

@@ -1,0 +1,3 @@
+// The AVX2 path of csrc/cpu/grad_stats_cpu.cpp (see csrc/cpu/isa.h); empty where that path is not built.
+#define FASTGRAD_ISA_AVX2 1
+#include "../grad_stats_cpu.cpp"
