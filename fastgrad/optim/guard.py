@@ -125,9 +125,10 @@ class Plan:
         return bool(self.result.skipped)
 
     def found_inf(self) -> torch.Tensor | None:
-        """What a fused optimizer's ``found_inf`` should be: the device flag, or, when the decision
-        is on the host, the flag only on a skipped step (torch's kernels then skip the
-        ``found_inf`` bookkeeping of applied steps), or None when nothing can skip."""
+        """What a fused optimizer's ``found_inf`` should be: the device flag; or, when the decision
+        is already on the host (CPU), the flag (1.0) on a skipped step and None on an applied one,
+        which spares torch's fused step its ``found_inf`` bookkeeping (a ``_foreach_sub_`` over the
+        step counts); None when nothing can skip."""
         if not self.may_skip:
             return None
         hs = self.result.host_skipped
