@@ -19,7 +19,7 @@ from . import clip
 from .monitor import GradMonitor
 from .detectors import Finding
 
-__version__ = "0.1.0"
+from ._version import __version__  # pyproject.toml's version (fastgrad/_version.py)
 
 
 def available_backends(device: str = "cpu", dtype=None) -> dict[str, str | None]:

@@ -306,11 +306,30 @@ def _backends(args: argparse.Namespace) -> int:
     for dev in ("cpu", "cuda"):
         for name, why in fastgrad.available_backends(dev).items():
             print(f"{dev:5s} {name:10s} {'available' if why is None else 'unavailable: ' + why}")
+    print(_cpu_path_line())
     return 0
+
+
+def _cpu_path_line() -> str:
+    """Which instruction-set path the C++ CPU kernels run (fastgrad.cpu_isa)."""
+    from fastgrad import cpu_isa
+
+    compiled = cpu_isa.compiled()
+    if not compiled:
+        return "cpu path   none: the C++ CPU kernels (fastgrad._C) are not available"
+    detail = (f"this build: {', '.join(compiled)}; this CPU runs: {', '.join(cpu_isa.supported())}; "
+              f"FASTGRAD_CPU_ISA={'|'.join(compiled)} forces one")
+    running = cpu_isa.current()
+    if running is None:
+        return f"cpu path   none: {cpu_isa.error()} ({detail})"
+    return f"cpu path   {running} ({detail})"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fastgrad", description="fused gradient statistics, clipping and monitoring")
+    from ._version import __version__
+
+    ap.add_argument("--version", action="version", version=f"fastgrad {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="train vanishing and exploding networks on the CPU, unprotected then with "
                                     "fastgrad, and write reports (under a minute)")
