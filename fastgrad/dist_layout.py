@@ -23,6 +23,7 @@ only in that coordinate hold different layers. Nothing else is detected.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -89,7 +90,7 @@ def _sub_group(root, keep: list[int]):
     if root.size() != dist.get_world_size():
         raise ValueError("fastgrad: name the dimensions of a DeviceMesh smaller than the world (mesh_dim_names=)")
     other = [d for d in range(root.ndim) if d not in keep]
-    t = root.mesh.permute(*other, *keep).reshape(-1, int(torch.tensor([root.mesh.shape[d] for d in keep]).prod()))
+    t = root.mesh.permute(*other, *keep).reshape(-1, math.prod(root.mesh.shape[d] for d in keep))
     me = dist.get_rank()
     mine = None
     for row in t.tolist():

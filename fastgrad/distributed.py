@@ -91,6 +91,8 @@ class DistPlan:
         domain: every rank of the model; differs from ``stage`` under pipeline parallelism.
         leader: this rank is the stage's first rank (its stage totals count across stages).
         checked: the stage comes from a mesh, so its ranks must hold the same list (validated).
+        describe: the rows' fingerprint material (name, shape, dtype, placement), built only
+            when the layout is checked.
     """
 
     local: list[torch.Tensor]
