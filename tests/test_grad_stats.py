@@ -289,3 +289,16 @@ def test_views_without_histogram_and_group_argument_errors():
     assert fastgrad.stats.module_group("weight") == "weight"
     assert fastgrad.stats.group_labels(["a.b.c", "d"], 2) == ["a.b", "d"]
     assert fastgrad.stats.group_labels(["a", "b"], None) is None
+
+
+def test_no_warning_when_there_are_gradients():
+    import warnings
+
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for arg in ([p], [("p", p)], [("g", torch.ones(3)), p], [torch.ones(1)], torch.nn.Linear(1, 1)):
+            if isinstance(arg, torch.nn.Module):
+                arg(torch.ones(1, 1)).sum().backward()
+            fastgrad.grad_stats(arg)
