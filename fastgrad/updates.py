@@ -55,7 +55,7 @@ the same per group (the optimizer's param groups by default, or ``groups=`` as i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
