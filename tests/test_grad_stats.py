@@ -302,3 +302,26 @@ def test_no_warning_when_there_are_gradients():
             if isinstance(arg, torch.nn.Module):
                 arg(torch.ones(1, 1)).sum().backward()
             fastgrad.grad_stats(arg)
+
+
+def test_params_true_collects_the_weights_of_each_gradient():
+    lin = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Parameter(torch.full((4,), 7.0))  # no .grad: skipped with its weight
+    lin(torch.ones(5, 3)).sum().backward()
+    s = fastgrad.grad_stats([("w", lin.weight), ("frozen", frozen), lin.bias], params=True)
+    assert s.names == ("w", "[2]")
+    w = [lin.weight.detach().double(), lin.bias.detach().double()]
+    assert s.param_norms.tolist() == pytest.approx([x.norm().item() for x in w], rel=1e-12, abs=0)
+    g = [lin.weight.grad.double(), lin.bias.grad.double()]
+    assert s.grad_param_ratio.tolist() == pytest.approx([a.norm().item() / b.norm().item() for a, b in zip(g, w)],
+                                                        rel=1e-12, abs=0)
+    assert s.total_param_norm.item() == pytest.approx(torch.cat([x.flatten() for x in w]).norm().item(), rel=1e-12)
+    with pytest.raises(ValueError, match=r"^\[0\]: params=True reads each gradient's parameter, but this is a "
+                                         r"gradient tensor"):
+        fastgrad.grad_stats([torch.ones(2)], params=True)
+    with pytest.raises(TypeError, match=r"^x: expected a Tensor, got int$"):
+        fastgrad.grad_stats([("x", 3)], params=True)
+    with pytest.raises(ValueError, match=r"weight statistics were not computed: call grad_stats\(\.\.\., params=True\)"):
+        fastgrad.grad_stats([lin.weight]).param_norms
+    with pytest.warns(UserWarning, match=r"all 1 parameters given have \.grad None"):
+        fastgrad.grad_stats([frozen], params=True)
