@@ -10,7 +10,8 @@ A failing optional build prints why and the package falls back at run time
 
 Environment:
   FASTGRAD_FORCE_CUDA    1: build the CUDA extension and fail loudly if it breaks; 0: never build it
-  TORCH_CUDA_ARCH_LIST   CUDA architectures, e.g. "8.0;9.0" (default) or "9.0a+PTX"
+  TORCH_CUDA_ARCH_LIST   CUDA architectures: default "8.0;9.0+PTX" (sm_80, sm_90 cubins and sm_90 PTX
+                         that newer GPUs compile at load), or e.g. "9.0a"
   CUDA_HOME              where nvcc lives (default: the nvcc on PATH)
   FASTGRAD_CPU_ARCH      the CPU kernels' instruction sets:
                          unset, "" or "dispatch" (default, wheels and source builds): the portable
@@ -101,7 +102,7 @@ def _want_cuda() -> tuple[bool, str]:
 def _gencode_flags() -> list[str]:
     """nvcc -gencode flags from TORCH_CUDA_ARCH_LIST ("8.0;9.0", "9.0a+PTX", ...)."""
     flags = []
-    for item in os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(",", ";").replace(" ", ";").split(";"):
+    for item in os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX").replace(",", ";").replace(" ", ";").split(";"):
         if not item:
             continue
         ptx = item.endswith("+PTX")
