@@ -359,3 +359,16 @@ def test_coefficient_one_writes_nothing_and_a_single_gradient_is_clipped(backend
     n = fastgrad.clip_grad_norm_([q], 1.0, backend=backend)
     assert n.item() == pytest.approx(math.sqrt(12), rel=1e-7)
     torch.testing.assert_close(q.grad, torch.full((3,), 2.0 / (math.sqrt(12) + 1e-6)), rtol=1e-7, atol=0)
+
+
+def test_max_norm_zero_and_tensor_threshold_shapes():
+    ps = params_with_grads()
+    ours, theirs = clone_params(ps), clone_params(ps)
+    n = fastgrad.clip_grad_norm_(ours, 0.0)  # allowed, as in torch: every gradient becomes 0
+    m = torch.nn.utils.clip_grad_norm_(theirs, 0.0)
+    assert n.item() == pytest.approx(m.item(), rel=1e-6)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad, b.grad) and not a.grad.any()
+    fastgrad.clip_grad_norm_(clone_params(ps), torch.tensor([0.5]))  # a one-element tensor is fine
+    with pytest.raises(ValueError, match=r"^max_norm must be a number or a one-element tensor, got shape \(2,\)"):
+        fastgrad.clip_grad_norm_(clone_params(ps), torch.tensor([0.5, 1.0]))
