@@ -120,6 +120,26 @@ def mutant_names(dest: Path, env: dict) -> list[str]:
     return names
 
 
+def run_whole_files(dest: Path, env: dict, names: list[str], tests: list[str], per_mutant: float) -> dict[str, str]:
+    """Each mutant against the whole selected test files, bypassing mutmut's map of which tests
+    reach which function: that map is recorded in the pytest process only, so code run in
+    subprocesses (test_distributed.py spawns its ranks) shows as "no tests" there."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests]
+    clean = subprocess.run(["nice", "-n", "10", *cmd], cwd=dest / "mutants", capture_output=True, text=True,
+                           env={**env, "MUTANT_UNDER_TEST": ""}, timeout=per_mutant * 4)
+    if clean.returncode != 0:
+        raise RuntimeError(f"the clean tests fail in {dest / 'mutants'}:\n{clean.stdout[-2000:]}")
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            r = subprocess.run(["nice", "-n", "10", *cmd], cwd=dest / "mutants", capture_output=True, text=True,
+                               env={**env, "MUTANT_UNDER_TEST": name}, timeout=per_mutant)
+            out[name] = "survived" if r.returncode == 0 else "killed"
+        except subprocess.TimeoutExpired:
+            out[name] = "timeout"
+    return out
+
+
 def verdicts(dest: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for meta in sorted(dest.glob("mutants/**/*.meta")):
@@ -139,6 +159,13 @@ def run(name: str, args: argparse.Namespace) -> dict:
         selected = sorted(names[: args.sample])
     cmd = ["nice", "-n", "10", "mutmut", "run", "--max-children", str(args.max_children), *selected]
     t0 = time.monotonic()
+    whole = None
+    if args.whole_files:
+        if not selected:
+            selected = mutant_names(dest, env)
+        tests = [t for t in MODULES[name][1] if (dest / t).exists()]
+        whole = run_whole_files(dest, env, selected, tests, args.per_mutant)
+        cmd = ["true"]
     try:
         proc = subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True, timeout=args.timeout)
         tail, timed_out = (proc.stdout + proc.stderr)[-3000:], False
@@ -146,7 +173,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         tail = ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""))[-3000:]
         timed_out = True
     seconds = time.monotonic() - t0
-    v = verdicts(dest)
+    v = whole if whole is not None else verdicts(dest)
     if args.sample and not selected:
         raise RuntimeError(f"{name}: no mutants generated to sample from")
     if selected:
@@ -177,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per module")
     ap.add_argument("--sample", type=int, default=0, help="test a random sample of this many mutants")
     ap.add_argument("--seed", type=int, default=16)
+    ap.add_argument("--whole-files", action="store_true",
+                    help="run every mutant against the whole selected test files (for code run in subprocesses)")
+    ap.add_argument("--per-mutant", type=float, default=300, help="seconds per mutant with --whole-files")
     args = ap.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
