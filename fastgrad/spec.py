@@ -145,6 +145,8 @@ def parse_norm_type(norm_type: float | int | str) -> float:
 
 def make_spec(norm_types, histogram) -> StatsSpec:
     """Build a :class:`StatsSpec` from the public ``norm_types`` / ``histogram`` arguments."""
+    if torch.compiler.is_compiling():  # dynamo does not trace through lru_cache
+        return _make_spec(norm_types, histogram)
     try:
         return _make_spec_cached(norm_types, histogram)
     except TypeError as e:  # unhashable arguments (a list of norm types): build it uncached

@@ -274,12 +274,14 @@ def build_stats(names: Sequence[str], spec: StatsSpec, res: StatsResult, labels:
     T = len(names)
     stats_numel = res.numel[:T]
     groups = None
+    total = GradStats(("total",), spec, res.numel[T:], res.total, params=None if params is None else params.total)
     if labels is not None:
         device = res.raw.floats.device
         gnames, seg = _segments(labels, device)
+        # groups partition the tensors: their total row is the same one (set now: a GradStats is
+        # never changed after construction, which torch.compile needs to rebuild it)
         groups = GradStats(tuple(gnames), spec, seg.sum(stats_numel), aggregate.aggregate(res.raw, spec, seg),
-                           params=None if params is None else params.groups)
-    total = GradStats(("total",), spec, res.numel[T:], res.total, params=None if params is None else params.total)
+                           _total=total, params=None if params is None else params.groups)
     return GradStats(tuple(names), spec, stats_numel, res.raw, groups, total, params)
 
 
