@@ -43,7 +43,6 @@ from .loggers.group import LoggerArg, LoggerFailure, LoggerGroup, logger_specs
 from .loggers.group import default_run_dir as _default_run_dir  # noqa: F401 (former home)
 from .loggers.group import make_logger as _make_logger  # noqa: F401 (former home)
 from .monitor_buffer import StepBuffer
-from .monitor_buffer import combine_norms as _combine_norms  # noqa: F401 (former home)
 from .monitor_options import MonitorOptions, block_group
 from .spec import HistogramSpec
 from .stats import GradStats, grad_stats
@@ -368,20 +367,6 @@ class GradMonitor:
     def __repr__(self) -> str:
         return (f"GradMonitor(every={self.every}, histogram_every={self.histogram_every}, "
                 f"log_every={self.log_every}, steps={self._step}, loggers=[{format_layers([type(lg).__name__ for lg in self.loggers])}])")
-
-
-def _combine_norms(norms: np.ndarray, p: float) -> float:
-    """The norm of disjoint pieces from their norms (same scaled formula as :mod:`fastgrad.aggregate`)."""
-    if norms.size == 0:
-        return 0.0
-    if np.isnan(norms).any():
-        return math.nan
-    m = float(norms.max())
-    if m == 0 or math.isinf(m):
-        return m
-    if math.isinf(p):
-        return m
-    return m * float(np.sum((norms / m) ** p)) ** (1.0 / p)
 
 
 def _version() -> str:

@@ -11,7 +11,6 @@ at once (the only sync) and rebuilds :class:`~fastgrad.records.StepRecord` s.
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -51,7 +50,10 @@ class StepBuffer:
         counts = rows.raw.counts if bins else rows.raw.counts[:, :NUM_COUNTS]
         f64 = torch.float64
         dev = rows.raw.floats.device
-        parts = [rows.norm(p), rows.max_abs, rows.numel.to(f64), counts.to(f64).reshape(-1)]
+        # the total row comes from the statistics themselves: under pipeline parallelism it is the
+        # whole model's norm, while the layer rows are this stage's
+        parts = [rows.norm(p), rows.max_abs, rows.numel.to(f64), counts.to(f64).reshape(-1),
+                 rows.total.norm(p).reshape(1)]
         if clip_coef is not None:
             parts.append(torch.as_tensor(clip_coef, device=dev).to(f64).reshape(1))
         if skipped is not None:
@@ -65,7 +67,8 @@ class StepBuffer:
     def drain(self, norm_type: float) -> list[StepRecord]:
         """Copy every buffered step to the host (one transfer) and empty the buffer; the records, in order.
 
-        ``total_norm`` of each record is the ``norm_type``-norm of its layer norms.
+        ``total_norm`` of each record is the global ``norm_type``-norm of the statistics' total
+        row (the whole model's, also under pipeline parallelism).
         """
         if not self._vecs:
             return []
@@ -83,6 +86,8 @@ class StepBuffer:
             off += 3 * g
             counts = host[off:off + g * ncnt].reshape(g, ncnt).astype(np.int64)
             off += g * ncnt
+            total_norm = float(host[off])
+            off += 1
             clip = skip = None
             if lay.has_clip:
                 clip = float(host[off])
@@ -93,21 +98,7 @@ class StepBuffer:
             records.append(StepRecord(
                 step=lay.step, time=lay.time, layers=tuple(lay.names), numel=numel, norm=norm.copy(),
                 max_abs=max_abs.copy(), nan=counts[:, 0], posinf=counts[:, 1], neginf=counts[:, 2],
-                zero=counts[:, 3], total_norm=combine_norms(norm, norm_type),
+                zero=counts[:, 3], total_norm=total_norm,
                 clip_coef=clip, skipped=skip, histograms=counts[:, NUM_COUNTS:] if lay.bins else None,
             ))
         return records
-
-
-def combine_norms(norms: np.ndarray, p: float) -> float:
-    """The norm of disjoint pieces from their norms (same scaled formula as :mod:`fastgrad.aggregate`)."""
-    if norms.size == 0:
-        return 0.0
-    if np.isnan(norms).any():
-        return math.nan
-    m = float(norms.max())
-    if m == 0 or math.isinf(m):
-        return m
-    if math.isinf(p):
-        return m
-    return m * float(np.sum((norms / m) ** p)) ** (1.0 / p)
