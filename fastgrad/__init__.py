@@ -7,6 +7,9 @@ Public API:
     HistogramSpec                     the power-of-two magnitude bins
     wrap, attach, detach, clip        clipping and step guarding folded into the optimizer step
     GradMonitor, Finding              per-layer monitoring, detectors, loggers (fastgrad.loggers)
+    UpdateTracker, UpdateStats        per-layer update norms and update/weight ratios of a step
+    NoiseScale                        the gradient noise scale B_simple (McCandlish et al. 2018)
+    LayoutError                       a sharding layout the ranks disagree on (every rank raises it)
     available_backends()              which backends can run here, and why not
 """
 
@@ -18,6 +21,9 @@ from .optim import wrap, attach, detach
 from . import clip
 from .monitor import GradMonitor
 from .detectors import Finding
+from .updates import UpdateStats, UpdateTracker
+from .noise_scale import NoiseScale
+from .dist_layout import LayoutError
 
 from ._version import __version__  # pyproject.toml's version (fastgrad/_version.py)
 
@@ -34,6 +40,10 @@ def available_backends(device: str = "cpu", dtype=None) -> dict[str, str | None]
 __all__ = [
     "GradMonitor",
     "Finding",
+    "LayoutError",
+    "NoiseScale",
+    "UpdateStats",
+    "UpdateTracker",
     "GradStats",
     "HistogramSpec",
     "StatsSpec",
