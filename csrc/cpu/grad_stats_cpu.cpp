@@ -397,6 +397,25 @@ inline void count_missed(const In* __restrict x, int64_t nv, int64_t missed, uin
   }
 }
 
+// The bit that counts exponent e = au >> 23 in its counter's field: 1 << 4 (e % 8).
+// Per instruction set, since a variable per-lane permute or shift that the ISA
+// lacks is compiled element by element (20x slower for the whole pass):
+inline u32x16 field_bit(u32x16 au) {
+#if defined(__clang__)  // no variable-index __builtin_shuffle: mask and shift
+  return (u32x16{} + 1u) << ((au >> 21) & 28u);
+#elif defined(__AVX512F__)
+  return __builtin_shuffle(kFieldBit, au >> 23);  // a 16-entry table: one permute
+#elif defined(__AVX2__)
+  return (u32x16{} + 1u) << ((au >> 21) & 28u);  // variable shifts
+#else
+  // SSE2 has neither: the float 2^(4 (e % 8)) made from its bits, converted (exactly) to an integer.
+  const u32x16 fbits = (((au >> 21) & 28u) + 127u) << 23;
+  f32x16 f;
+  std::memcpy(&f, &fbits, sizeof(f));
+  return (u32x16)__builtin_convertvector(f, i32x16);
+#endif
+}
+
 // In: float, BF16 or F16. kS1: also sum |x| (only p = 1 needs it).
 template <bool kHist, bool kS1, typename In>
 inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys,
@@ -448,13 +467,7 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
         // Exponent e = au >> 23 goes to field e % 8 (bits 4 (e % 8) and up) of
         // counter e / 8 - base / 8, which is none of them outside the window
         // (also for zeros, subnormals, NaN and Inf, see Window).
-        // The field's bit comes from a 16-entry table indexed by the exponent's low
-        // 4 bits (one permute instead of mask-and-shift).
-#if defined(__clang__)  // no variable-index __builtin_shuffle: mask and shift
-        const u32x16 bit = (u32x16{} + 1u) << ((au >> 21) & 28u);
-#else
-        const u32x16 bit = __builtin_shuffle(kFieldBit, au >> 23);
-#endif
+        const u32x16 bit = field_bit(au);
         const u32x16 e8 = au >> 26;
         for (int c = 0; c < kNibbleCounters; ++c) nib[c] = e8 == first + c ? nib[c] + bit : nib[c];
       }
@@ -513,6 +526,19 @@ constexpr int kNibbleCounters16 = kWin / 4;
 constexpr u16x32 kFieldBit16 = {1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 4096,
                                 1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 4096};
 
+// The bit that counts the exponent of the bfloat16 bits a (sign cleared): 1 << 4 (e % 4), e = a >> 7.
+inline u16x32 field_bit16(u16x32 a) {
+#if defined(__clang__)
+  return u16x32{} + 1 << ((a >> 5) & 12);
+#elif defined(__AVX512BW__)
+  return __builtin_shuffle(kFieldBit16, u16x32(a >> 7));  // one 16-bit permute
+#else
+  // No 16-bit variable shift or permute below AVX-512BW: (e % 4 odd ? 16 : 1) * (e % 4 >= 2 ? 256 : 1).
+  const u16x32 k = (a >> 7) & 3;
+  return ((k & 1) * 15 + 1) * (((k >> 1) & 1) * 255 + 1);
+#endif
+}
+
 template <bool kHist>
 inline void block_pass_bf16(const BF16* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys,
                             Window& win, WideCounts& wide) {
@@ -547,11 +573,7 @@ inline void block_pass_bf16(const BF16* __restrict x, int64_t n, BlockAcc& acc, 
       sq_lo += flo * flo;
       sq_hi += fhi * fhi;
       if constexpr (kHist) {
-#if defined(__clang__)
-        const u16x32 bit = u16x32{} + 1 << ((a >> 5) & 12);
-#else
-        const u16x32 bit = __builtin_shuffle(kFieldBit16, u16x32(a >> 7));
-#endif
+        const u16x32 bit = field_bit16(a);
         const u16x32 e4 = a >> 9;  // NaN/Inf: 63, beyond every counter; zeros: 0, below
         for (int c = 0; c < kNibbleCounters16; ++c)
           nib[c] = e4 == uint16_t(first + c) ? nib[c] + bit : nib[c];
