@@ -325,3 +325,24 @@ def test_params_true_collects_the_weights_of_each_gradient():
         fastgrad.grad_stats([lin.weight]).param_norms
     with pytest.warns(UserWarning, match=r"all 1 parameters given have \.grad None"):
         fastgrad.grad_stats([frozen], params=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norms_of_small_and_tiny_members(backend):
+    """Group rows combine member norms scaled by the group's largest: exact for members whose
+    largest norm is exactly 1, below 1, and 1e-200 (whose squares underflow unscaled)."""
+    xs = [torch.tensor([1.0]), torch.tensor([0.5, 0.5]),  # group a: norms 1 and sqrt(0.5)
+          torch.tensor([0.25]), torch.tensor([0.125, 0.0]),  # group b: below 1
+          torch.full((4,), 1e-200, dtype=torch.float64), torch.full((1,), 3e-200, dtype=torch.float64)]  # c
+    s = fastgrad.grad_stats(xs, groups=["a", "a", "b", "b", "c", "c"], norm_types=(2, 1, 0.5), backend=backend)
+    want = {2: [math.sqrt(1.5), math.sqrt(0.25**2 + 0.125**2), math.sqrt(4 + 9) * 1e-200],
+            1: [2.0, 0.375, 7e-200],
+            0.5: [(1 + 2 * math.sqrt(0.5)) ** 2, (0.5 + math.sqrt(0.125)) ** 2, (4e-100 + math.sqrt(3e-200)) ** 2]}
+    for p, w in want.items():
+        assert s.groups.norm(p).tolist() == pytest.approx(w, rel=1e-13, abs=0), p
+    assert s.total_norm.item() == pytest.approx(math.sqrt(1.5 + 0.25**2 + 0.125**2), rel=1e-13, abs=0)
+    empty = fastgrad.stats.group_labels([], [])
+    assert empty == []
+    with pytest.warns(UserWarning, match="no tensors were given"):
+        z = fastgrad.grad_stats([], groups=[], backend=backend)
+    assert z.groups.names == () and z.groups.tensor_norms.shape == (0,) and z.groups.max_abs.shape == (0,)
