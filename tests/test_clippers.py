@@ -399,3 +399,11 @@ def test_zclip_warmup_cap_and_mean_mode_spike():
     mu2 = 0.5 * mu1 + 0.5 * mu1
     var2 = 0.5 * var1 + 0.5 * (mu1 - mu2) ** 2
     assert c.mean.item() == pytest.approx(mu2, rel=1e-15) and c.var.item() == pytest.approx(var2, rel=1e-15)
+
+
+def test_per_tensor_norm_and_value_config():
+    assert repr(clip.PerTensorNorm(0.5)) == "PerTensorNorm(max_norm=0.5)"
+    assert clip.PerTensorNorm(0.5).state_dict() == {"type": "PerTensorNorm", "config": {"max_norm": 0.5}}
+    assert repr(clip.Value(0.25)) == "Value(clip_value=0.25)"
+    with pytest.raises(ValueError, match="configuration"):
+        clip.PerTensorNorm(0.5).load_state_dict(clip.PerTensorNorm(1.0).state_dict())

@@ -424,3 +424,9 @@ def test_base_detector_for_custom_subclasses():
     with pytest.raises(NotImplementedError):
         c.update(record(0, [1.0]))
     assert make_detectors([c]) == [c]
+
+
+def test_nonfinite_message_lists_four_layers_then_counts():
+    for k, tail in ((4, "l3 (NaN 1 of 4); global norm nan"), (5, "l3 (NaN 1 of 4); and 1 more; global norm nan")):
+        (f,) = NonFiniteDetector().update(record(0, [1.0] * k, total=math.nan, nan=[1] * k))
+        assert f.message.endswith(tail), (k, f.message)
