@@ -52,6 +52,29 @@ Default thresholds and why:
   3`` monitored steps (dead ReLU units, a detached branch, a frozen layer
   that still has a ``.grad``). Parameters whose ``.grad`` is None are not
   in the statistics at all and cannot be seen here.
+* Update-ratio spike (:class:`UpdateRatioSpikeDetector`, training health; only on records that
+  carry ``update_ratio``, i.e. ``wrap(..., track_updates=True)`` with a monitor): a layer's (or
+  the whole model's) ``r = ||Δw|| / ||w_before||`` above ``factor = 10`` times the median of its
+  last ``window = 50`` monitored values, or above ``max_ratio = 0.1``, once the layer has
+  ``warmup = 10`` values. Why: update-norm spikes come before loss spikes and are largest in
+  the lower layers (marin#1368), and a ratio is comparable across layers and runs where a raw
+  update norm is not. The *relative* rule is the main one: it is scale-free, so it holds for any
+  optimizer and learning rate. In steady training a layer's ratio moves within ~2-3x from step
+  to step (Adam normalises the step; schedules change the learning rate over thousands of
+  steps, a few percent over a window), so an order of magnitude above the median is an event,
+  not noise, and the spikes reported there are 10-100x. The median, not the mean, so that the
+  spikes themselves do not raise the baseline; values enter the window clamped at
+  ``factor x median`` (as ZClip clamps), so a lasting level shift (a learning-rate jump) is
+  absorbed once it fills half the window, ~25 monitored steps, instead of firing for ever. The
+  *absolute* bound is for Adam-like optimizers, whose per-element step is at most about
+  ``lr``, so that ``r ~ lr / rms(w)``: with usual learning rates (<= 1e-3) and trained weight
+  RMS (1e-2..1e-1) healthy ratios are 1e-4..1e-2 (the 1e-3 rule of thumb); ``r > 0.1``
+  changes the layer by a tenth in one step, ten such steps replace it. It catches a layer that
+  is off from the start, which a median of its own history cannot. The warm-up skips the first
+  steps, where Adam's normalised steps are largest (``m ~ g``) and zero-initialised layers
+  have an infinite ratio. For plain SGD, whose ratio is ``lr ||g|| / ||w||`` and has no such
+  scale, pass ``max_ratio=math.inf`` to keep only the relative rule. Skipped steps (ratio 0)
+  are not counted. One finding per layer per excursion (``cooldown = 50``, as above).
 """
 
 from __future__ import annotations
@@ -63,7 +86,7 @@ import numpy as np
 
 from .records import Finding, StepRecord, format_layers
 
-KINDS = ("vanishing", "exploding", "nonfinite", "dead")
+KINDS = ("vanishing", "exploding", "nonfinite", "dead", "update_spike")
 GLOBAL = "<global>"
 
 
@@ -374,19 +397,90 @@ class DeadLayerDetector(Detector):
         return [Finding(self.kind, rec.step, first, tuple(new), msg, float(len(new)))]
 
 
+class UpdateRatioSpikeDetector(Detector):
+    """A layer's update ratio ``||Δw|| / ||w_before||`` above ``factor`` x its running median (over
+    ``window`` monitored steps) or above ``max_ratio``, after ``warmup`` values (module docstring)."""
+
+    kind = "update_spike"
+
+    def __init__(self, *, factor: float = 10.0, max_ratio: float = 0.1, window: int = 50, warmup: int = 10,
+                 cooldown: int = 50):
+        if not (isinstance(factor, (int, float)) and factor > 1):
+            raise ValueError(f"factor must be a number > 1, got {factor!r}")
+        if not (isinstance(max_ratio, (int, float)) and max_ratio > 0):
+            raise ValueError(f"max_ratio must be a positive number (math.inf: no absolute bound), got {max_ratio!r}")
+        _check_count("window", window)
+        _check_count("warmup", warmup)
+        _check_count("cooldown", cooldown)
+        self.factor, self.max_ratio = float(factor), float(max_ratio)
+        self.window, self.warmup, self.cooldown = window, warmup, cooldown
+        self._hist: dict[str, list[float]] = {}
+        self._seen: dict[str, int] = {}
+        self._streaks = _Streaks(1, cooldown)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "factor": self.factor, "max_ratio": self.max_ratio, "window": self.window,
+                "warmup": self.warmup, "cooldown": self.cooldown}
+
+    def flagged(self) -> dict[str, int]:
+        return self._streaks.active()
+
+    def update(self, rec: StepRecord) -> list[Finding]:
+        if rec.update_ratio is None:
+            return []
+        keys = list(rec.layers)
+        vals = [float(v) for v in rec.update_ratio]
+        if rec.total_update_ratio is not None:
+            keys.append(GLOBAL)
+            vals.append(float(rec.total_update_ratio))
+        cond, why = [], {}
+        for name, r in zip(keys, vals):
+            if not r > 0 or math.isnan(r):  # not stepped (skipped, no gradient): no information
+                cond.append(name in self._streaks.active())  # keeps an ongoing excursion as it is
+                continue
+            hist = self._hist.setdefault(name, [])
+            seen = self._seen.get(name, 0)
+            self._seen[name] = seen + 1
+            med = float(np.median(hist)) if hist else math.nan
+            spike = False
+            if seen >= self.warmup:
+                if r > self.factor * med:
+                    spike, why[name] = True, (r, f"{r:.3g} = {r / med:.3g}x its median {med:.3g}")
+                elif r > self.max_ratio:
+                    spike, why[name] = True, (r, f"{r:.3g} > {self.max_ratio:g}")
+            cond.append(spike)
+            hist.append(min(r, self.factor * med) if hist and math.isfinite(med) else r)
+            if len(hist) > self.window:
+                del hist[0]
+        new = self._streaks.update(rec.step, keys, cond)
+        if not new:
+            return []
+        shown = "; ".join(f"{n}: {why[n][1]}" for n in new[:4]) + (
+            f"; and {len(new) - 4} more" if len(new) > 4 else "")
+        msg = (f"update-ratio spike at step {rec.step} in {len(new)} layer(s) (||Δw||/||w|| above "
+               f"{self.factor:g}x its running median or {self.max_ratio:g}): {shown}")
+        return [Finding(self.kind, rec.step, rec.step, tuple(new), msg, max(why[n][0] for n in new))]
+
+
 def default_detectors() -> list[Detector]:
-    """One of each detector with the default thresholds documented in this module."""
+    """One of each gradient detector with the default thresholds documented in this module."""
     return [NonFiniteDetector(), ExplodingDetector(), VanishingDetector(), DeadLayerDetector()]
 
 
+def health_detectors() -> list[Detector]:
+    """The training-health detectors (silent on records without update ratios)."""
+    return [UpdateRatioSpikeDetector()]
+
+
 def make_detectors(detectors) -> list[Detector]:
-    """``"default"`` -> :func:`default_detectors`; None/() -> none; else a sequence of :class:`Detector`."""
+    """``"default"`` -> :func:`default_detectors` + :func:`health_detectors`; None/() -> none; else a
+    sequence of :class:`Detector`."""
     if detectors is None:
         return []
     if isinstance(detectors, str):
         if detectors != "default":
             raise ValueError(f"detectors={detectors!r}: the only string accepted is 'default'")
-        return default_detectors()
+        return default_detectors() + health_detectors()
     if isinstance(detectors, Detector):
         return [detectors]
     out = list(detectors)

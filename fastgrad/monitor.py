@@ -80,6 +80,16 @@ class GradMonitor:
         max_norm: the clip threshold, if any, for the report's global-norm plot.
         history: how many flushed :class:`StepRecord` s to keep in :attr:`records`.
         backend: ``grad_stats`` backend for :meth:`step` (None = automatic).
+        weights: also log each layer's weight norm ``||w||`` (and the total): the request asks
+            ``grad_stats`` for ``params=True``, which reads the weights in the same launch as the
+            gradients (one more read of the weights per monitored step, no extra launch).
+        noise_scale: a :class:`fastgrad.NoiseScale` (fed by its accumulation, DDP or FSDP2
+            hooks): its ``b_simple`` is read at each flush, in the flush's one transfer, and
+            logged on the flush's last record (``noise_scale``).
+
+    Update norms and ratios per layer are logged when the monitor is given them:
+    ``fastgrad.wrap(opt, monitor=m, track_updates=True)`` (or ``attach``) measures each
+    monitored step's update and passes it to :meth:`record` as ``updates=``.
 
     Nothing here synchronises with the device except :meth:`flush` (and what calls
     it: a step that fills the buffer, :meth:`close`, :meth:`summary`).
@@ -124,10 +134,13 @@ class GradMonitor:
         max_norm: float | None = None,
         history: int = 10_000,
         backend: str | None = None,
+        weights: bool = False,
+        noise_scale=None,
     ):
         opts = MonitorOptions.from_args(
             model, every=every, histogram_every=histogram_every, log_every=log_every, groups=groups,
-            norm_type=norm_type, histogram_spec=histogram_spec, max_norm=max_norm, history=history, backend=backend)
+            norm_type=norm_type, histogram_spec=histogram_spec, max_norm=max_norm, history=history, backend=backend,
+            weights=weights, noise_scale=noise_scale)
         self.detectors: list[Detector] = make_detectors(detectors)
         specs = logger_specs(loggers)
         self._set_options(opts)
@@ -152,6 +165,8 @@ class GradMonitor:
         self.histogram_spec = opts.histogram_spec
         self.max_norm = opts.max_norm
         self.backend = opts.backend
+        self.weights = opts.weights
+        self.noise_scale = opts.noise_scale
 
     def _reset_state(self, history: int) -> None:
         self.records: deque[StepRecord] = deque(maxlen=history)
@@ -161,6 +176,7 @@ class GradMonitor:
         self._pending_step: object = _UNSET
         self._pending_hist = False
         self._buffer = StepBuffer()
+        self._update_segments: dict = {}  # (tensor names, layer names, device) -> Segments
         # Running per-layer health for summary(): name -> [min, max] finite norm; name -> non-finite steps
         self._norm_range: dict[str, list[float]] = {}
         self._nonfinite_steps: dict[str, int] = {}
@@ -211,11 +227,14 @@ class GradMonitor:
             return None
         hist = bool(self.histogram_every) and step % self.histogram_every == 0
         self._pending_step, self._pending_hist = step, hist
-        return {"groups": self._groups, "histogram": self.histogram_spec if hist else False,
-                "norm_types": (self.norm_type,)}
+        req = {"groups": self._groups, "histogram": self.histogram_spec if hist else False,
+               "norm_types": (self.norm_type,)}
+        if self.weights:
+            req["params"] = True
+        return req
 
     def record(self, stats: GradStats, *, clip_coef: torch.Tensor | float | None = None,
-               skipped: torch.Tensor | bool | None = None) -> None:
+               skipped: torch.Tensor | bool | None = None, updates=None) -> None:
         """Buffer one step's statistics on the device (no sync unless this fills the buffer).
 
         Args:
@@ -223,6 +242,11 @@ class GradMonitor:
                 request asked for them; per-tensor rows are used otherwise).
             clip_coef: the clip coefficient applied (0-d device tensor or float), if any.
             skipped: whether the optimizer step was skipped (0-d device tensor or bool), if any.
+            updates: the step's :class:`fastgrad.UpdateStats`, if measured (a wrapper with
+                ``track_updates=True`` passes it); its tensors are grouped into the monitor's
+                layers on the device (``||Δw||`` combined as an L2 norm over the layer's tensors,
+                the ratio over the layer's ``||w_before||``). Optional: monitors written before
+                this keyword keep working, the wrapper only passes it to a ``record`` that takes it.
 
         Steps that :meth:`stats_request` declined are ignored. Called without a
         preceding :meth:`stats_request`, the record counts as the next step.
@@ -249,9 +273,34 @@ class GradMonitor:
             else:
                 log.warning("fastgrad.GradMonitor: histogram bins %s differ from the monitor's %s; "
                             "histogram dropped", spec.histogram, self.histogram_spec)
-        self._buffer.append(step, rows, p, bins, clip_coef, skipped)
+        weights = None
+        if stats.params is not None:
+            weights = (rows.param_norms, stats.total_param_norm)
+        upd = None if updates is None else self._layer_updates(updates, rows.names, stats.groups is not None)
+        self._buffer.append(step, rows, p, bins, clip_coef, skipped, weights, upd)
         if len(self._buffer) >= self.log_every:
             self.flush()
+
+    def _layer_updates(self, updates, layers: tuple[str, ...], grouped: bool) -> tuple[torch.Tensor, ...]:
+        """Per-layer ``||Δw||`` and ``||Δw|| / ||w_before||`` from the per-tensor rows of ``updates``,
+        plus the totals: device ops only. Tensors outside the logged layers go to a dropped segment."""
+        from . import aggregate
+        from .stats import group_labels
+
+        un = updates.update_norms
+        key = (updates.names, layers, un.device)
+        seg = self._update_segments.get(key)
+        if seg is None:
+            labels = group_labels(list(updates.names), self._groups) if grouped else list(updates.names)
+            where = {n: i for i, n in enumerate(layers)}
+            g = len(layers)
+            seg = aggregate.Segments([where.get(lab, g) for lab in labels], g + 1, un.device)
+            self._update_segments = {key: seg}  # one parameter set at a time
+        g = len(layers)
+        lu = aggregate.combine_norms(un, 2.0, seg)[:g]
+        lw = aggregate.combine_norms(updates.param_norms, 2.0, seg)[:g]
+        ratio = torch.where(lu == 0, torch.zeros_like(lu), lu / lw)
+        return lu, ratio, updates.total_update_norm, updates.total_update_ratio
 
     def step(self) -> GradStats | None:
         """Standalone use, after ``backward()``: compute this step's statistics and record them.
@@ -273,9 +322,12 @@ class GradMonitor:
         Returns the new records. This is the monitor's only device sync.
         """
         self._check_open()
-        records = self._buffer.drain(self.norm_type)
+        tail = () if self.noise_scale is None or not len(self._buffer) else (self.noise_scale.b_simple,)
+        records = self._buffer.drain(self.norm_type, tail)
         if not records:
             return []
+        if tail:
+            records[-1].noise_scale = float(self._buffer.tail_values[0])
         new_findings: list[Finding] = []
         for rec in records:
             self._track(rec)

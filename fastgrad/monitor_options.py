@@ -54,6 +54,8 @@ class MonitorOptions:
     histogram_spec: HistogramSpec
     max_norm: float | None
     backend: str | None
+    weights: bool = False  # ask grad_stats for params=True on monitored steps
+    noise_scale: object = None  # a fastgrad.NoiseScale read at each flush
 
     @classmethod
     def from_args(
@@ -69,6 +71,8 @@ class MonitorOptions:
         max_norm: float | None = None,
         history: int = 10_000,
         backend: str | None = None,
+        weights: bool = False,
+        noise_scale: object = None,
     ) -> MonitorOptions:
         if isinstance(model, torch.nn.Module):
             source: object = model
@@ -97,7 +101,16 @@ class MonitorOptions:
             raise ValueError("groups=None: a monitor needs layers; use 'module', 'block', a depth or a callable")
         elif isinstance(groups, str) and groups != "module":
             raise ValueError(f"groups={groups!r}: use 'module', 'block', an int depth, a callable or a mapping")
+        if not isinstance(weights, bool):
+            raise TypeError(f"weights must be a bool, got {type(weights).__name__}")
+        if noise_scale is not None:
+            from .noise_scale import NoiseScale
+
+            if not isinstance(noise_scale, NoiseScale):
+                raise TypeError(f"noise_scale must be a fastgrad.NoiseScale (fed by its accumulation, DDP or "
+                                f"FSDP hooks), got {type(noise_scale).__name__}")
         return cls(
+            weights=weights, noise_scale=noise_scale,
             source=source, model=model if isinstance(model, torch.nn.Module) else None, model_name=model_name,
             every=every, histogram_every=histogram_every, log_every=log_every, history=history, groups=groups,
             norm_type=parse_norm_type(norm_type), histogram_spec=histogram_spec or HistogramSpec(),

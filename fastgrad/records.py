@@ -21,9 +21,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SCHEMA_VERSION", "Finding", "RunInfo", "StepRecord", "decode_float", "encode_float", "format_layers"]
+__all__ = ["SCHEMA_MINOR", "SCHEMA_VERSION", "Finding", "RunInfo", "StepRecord", "decode_float", "encode_float", "format_layers"]
 
+# The JSONL schema (fastgrad.loggers.jsonl): ``schema`` is the compatibility version, raised only
+# by a change an older reader would misread; ``schema_minor`` counts additive changes (new optional
+# keys that older readers ignore). 1.0: gradients; 1.1: weight norms, update norms and ratios per
+# layer and in total, the gradient noise scale. A file without ``schema_minor`` is 1.0.
 SCHEMA_VERSION = 1
+SCHEMA_MINOR = 1
 
 
 def encode_float(x: float | None) -> float | str | None:
@@ -59,6 +64,7 @@ class RunInfo:
     fastgrad_version: str = ""
     created: float = 0.0
     schema: int = SCHEMA_VERSION
+    schema_minor: int = SCHEMA_MINOR
 
     @property
     def num_bins(self) -> int:
@@ -82,6 +88,7 @@ class RunInfo:
     def from_dict(cls, d: dict) -> RunInfo:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         known["max_norm"] = decode_float(known.get("max_norm"))
+        known.setdefault("schema_minor", 0)  # written before the minor version existed: 1.0
         return cls(**known)
 
 
@@ -100,6 +107,15 @@ class StepRecord:
         skipped: whether the optimizer step was skipped, None if unknown.
         histograms: int64 ``[layers, bins]`` power-of-two magnitude histograms
             (see :class:`fastgrad.HistogramSpec`) on histogram steps, else None.
+        param_norm: float64 per-layer L2 norm of the weights ``||w||`` (same launch as the
+            gradients, ``grad_stats(..., params=True)``), None when not measured.
+        update_norm, update_ratio: float64 per-layer ``||w_after - w_before||`` and
+            ``||Δw|| / ||w_before||`` of this step (``fastgrad.wrap(..., track_updates=True)``),
+            None when not measured. A layer none of whose tensors the optimizer holds gets 0.
+        total_param_norm, total_update_norm, total_update_ratio: the same over the whole model
+            (the optimizer's tensors for the updates), None when not measured.
+        noise_scale: the gradient noise scale ``B_simple`` (:class:`fastgrad.NoiseScale`) read at
+            the flush that wrote this record (the last record of each flush), else None.
     """
 
     step: int
@@ -116,6 +132,13 @@ class StepRecord:
     clip_coef: float | None = None
     skipped: bool | None = None
     histograms: np.ndarray | None = None
+    param_norm: np.ndarray | None = None
+    update_norm: np.ndarray | None = None
+    update_ratio: np.ndarray | None = None
+    total_param_norm: float | None = None
+    total_update_norm: float | None = None
+    total_update_ratio: float | None = None
+    noise_scale: float | None = None
 
     # -- derived ---------------------------------------------------------------
     @property
@@ -167,6 +190,10 @@ class StepRecord:
                 "neginf": int(self.neginf[i]),
                 "zero": int(self.zero[i]),
             }
+            for key, col in (("param_norm", self.param_norm), ("update_norm", self.update_norm),
+                             ("update_ratio", self.update_ratio)):
+                if col is not None:
+                    layers[name][key] = encode_float(col[i])
         out: dict = {
             "type": "step",
             "step": self.step,
@@ -182,6 +209,12 @@ class StepRecord:
             "skipped": self.skipped,
             "layers": layers,
         }
+        for key in ("param_norm", "update_norm", "update_ratio"):
+            v = getattr(self, "total_" + key)
+            if v is not None:
+                out["total"][key] = encode_float(v)
+        if self.noise_scale is not None:
+            out["noise_scale"] = encode_float(self.noise_scale)
         if self.histograms is not None:
             out["histograms"] = {name: self.histograms[i].tolist() for i, name in enumerate(self.layers)}
         return out
@@ -196,6 +229,12 @@ class StepRecord:
                 return np.array([decode_float(r[key]) for r in rows], dtype=np.float64)
             return np.array([r[key] for r in rows], dtype=dtype)
 
+        def opt_col(key: str) -> np.ndarray | None:  # schema 1.1 keys: absent in 1.0 files
+            if not rows or any(key not in r for r in rows):
+                return None
+            return col(key, np.float64)
+
+        total = d["total"]
         hist = None
         if d.get("histograms") is not None:
             hist = np.array([d["histograms"][n] for n in layers], dtype=np.int64)
@@ -206,6 +245,11 @@ class StepRecord:
             posinf=col("posinf", np.int64), neginf=col("neginf", np.int64),
             zero=col("zero", np.int64), total_norm=decode_float(d["total"]["norm"]),
             clip_coef=decode_float(d.get("clip_coef")), skipped=d.get("skipped"), histograms=hist,
+            param_norm=opt_col("param_norm"), update_norm=opt_col("update_norm"),
+            update_ratio=opt_col("update_ratio"), total_param_norm=decode_float(total.get("param_norm")),
+            total_update_norm=decode_float(total.get("update_norm")),
+            total_update_ratio=decode_float(total.get("update_ratio")),
+            noise_scale=decode_float(d.get("noise_scale")),
         )
 
 
@@ -214,7 +258,7 @@ class Finding:
     """One detector event.
 
     Attributes:
-        kind: ``"vanishing"``, ``"exploding"``, ``"nonfinite"`` or ``"dead"``.
+        kind: ``"vanishing"``, ``"exploding"``, ``"nonfinite"``, ``"dead"`` or ``"update_spike"``.
         step: the monitored step at which the detector fired.
         first_step: the step at which the condition began (``step - patience + 1`` style).
         layers: the layers concerned, in model order (``("<global>",)`` for the global norm).

@@ -14,6 +14,11 @@ pyplot backend is never touched):
 ``histogram.png``
     the power-of-two magnitude histogram of all gradients over time (x: step,
     y: ``log2 |g|``, colour: fraction of elements), from histogram steps.
+``update_ratio.png`` (when the run logged updates, JSONL schema 1.1)
+    layer x step heatmap of ``log10(||Δw|| / ||w_before||)`` per layer, skipped steps
+    (ratio 0) blank, update-ratio spikes (the ``update_spike`` detector) marked.
+``noise_scale.png`` (when the run logged a noise scale)
+    the gradient noise scale ``B_simple`` over steps (log scale when positive).
 
 ``report.html`` embeds the PNGs (base64), the run's settings, a per-layer
 health table and the detectors' findings, so it can be mailed or attached
@@ -38,6 +43,7 @@ KIND_STYLE = {  # marker, colour for findings on the heatmap
     "exploding": ("^", "#ff9f1c"),
     "nonfinite": ("X", "#ff1f5b"),
     "dead": ("s", "#bbbbbb"),
+    "update_spike": ("D", "#f72585"),
 }
 MAX_COLUMNS = 1200  # heatmap columns: longer runs are averaged into this many bins
 
@@ -175,6 +181,90 @@ def plot_heatmap(run: Run, path: str) -> str:
     return path
 
 
+def update_ratio_matrix(run: Run) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(layers, steps, ratio ``[L, S]``) over the steps that logged update ratios (NaN elsewhere)."""
+    layers = run.layers
+    idx = {n: i for i, n in enumerate(layers)}
+    steps = [s for s in run.steps if s.update_ratio is not None]
+    ratio = np.full((len(layers), len(steps)), np.nan)
+    for j, s in enumerate(steps):
+        ratio[[idx[n] for n in s.layers], j] = s.update_ratio
+    return layers, np.array([s.step for s in steps], dtype=np.int64), ratio
+
+
+def plot_update_ratio(run: Run, path: str) -> str:
+    """Heatmap of ``log10`` update ratios, layer x step (steps averaged into MAX_COLUMNS bins)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    layers, steps, ratio = update_ratio_matrix(run)
+    L = len(layers)
+    height = min(16.0, max(3.8, 0.24 * L + 1.8))
+    fig = Figure(figsize=(11, height))
+    longest = max((len(n) for n in layers), default=4)
+    left = min(0.45, 0.05 + 0.0062 * longest + 0.03)
+    ax = fig.add_axes((left, 1.25 / height, 0.86 - left, 1 - 1.75 / height))
+    cax = fig.add_axes((0.88, 1.25 / height, 0.015, 1 - 1.75 / height))
+    if L == 0 or steps.size == 0:
+        ax.text(0.5, 0.5, "no update ratios logged", ha="center", va="center", transform=ax.transAxes)
+        fig.savefig(path, dpi=110)
+        return path
+    m = Matrix(layers, steps, ratio, np.zeros(ratio.shape, bool), np.zeros(ratio.shape, bool))
+    edges, logr, _, _, _ = _downsample(m)  # ratio 0 (skipped step) and non-finite -> blank
+    finite = logr[np.isfinite(logr)]
+    vmin, vmax = (np.percentile(finite, 1), np.percentile(finite, 99.5)) if finite.size else (-4, -2)
+    if vmax - vmin < 1:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    mesh = ax.pcolormesh(edges, np.arange(L + 1) - 0.5, np.ma.masked_invalid(logr), cmap="magma", vmin=vmin,
+                         vmax=vmax, shading="flat", rasterized=True)
+    cb = fig.colorbar(mesh, cax=cax)
+    cb.set_label("log10 ||Δw|| / ||w||", fontsize=9)
+    cb.ax.tick_params(labelsize=8)
+    step_tick = max(1, math.ceil(L / 45))
+    ax.set_yticks(np.arange(0, L, step_tick))
+    ax.set_yticklabels([layers[i] for i in range(0, L, step_tick)], fontsize=7 if L > 25 else 8)
+    ax.set_ylim(L - 0.5, -0.5)
+    ax.set_xlabel("step", fontsize=9)
+    ax.set_ylabel("layer", fontsize=9)
+    ax.set_title(f"Update-to-weight ratio per layer ({run.info.model}, {len(steps)} steps with updates)",
+                 fontsize=11, loc="left")
+    row = {n: i for i, n in enumerate(layers)}
+    marker, color = KIND_STYLE["update_spike"]
+    spikes = [(f.first_step, row[n]) for f in run.findings if f.kind == "update_spike" for n in f.layers if n in row]
+    if spikes:
+        xs, ys = zip(*spikes)
+        ax.scatter(xs, ys, marker=marker, s=28, c=color, edgecolors="black", linewidths=0.6, zorder=3)
+        ax.legend(handles=[Line2D([], [], marker=marker, ls="", color=color, markeredgecolor="black",
+                                  label="update-ratio spike")],
+                  loc="upper left", bbox_to_anchor=(0, -0.55 / (height - 1.75)), fontsize=8, frameon=False,
+                  borderaxespad=0)
+    _style(ax)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_noise_scale(run: Run, path: str) -> str:
+    """The gradient noise scale ``B_simple`` at each flush that logged it."""
+    from matplotlib.figure import Figure
+
+    pts = [(s.step, s.noise_scale) for s in run.steps if s.noise_scale is not None and math.isfinite(s.noise_scale)]
+    fig = Figure(figsize=(11, 3.6))
+    ax = fig.add_axes((0.07, 0.16, 0.9, 0.72))
+    if not pts:
+        ax.text(0.5, 0.5, "no finite noise-scale values logged", ha="center", va="center", transform=ax.transAxes)
+    else:
+        x, y = (np.array(v, dtype=np.float64) for v in zip(*pts))
+        ax.plot(x, y, marker="o", ms=3, lw=1.2, color="#3a0ca3")
+        if (y > 0).all():
+            ax.set_yscale("log")
+        ax.set_ylabel("B_simple (examples)", fontsize=9)
+    ax.set_xlabel("step", fontsize=9)
+    ax.set_title("Gradient noise scale B_simple = tr(Σ)/|G|² (EMA), at each flush", fontsize=11, loc="left")
+    _style(ax)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot_global_norm(run: Run, path: str) -> str:
     from matplotlib.figure import Figure
 
@@ -301,7 +391,7 @@ h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.15em;margin-top:1.6em;bord
 .meta{color:#666;font-size:.9em} img{max-width:100%;border:1px solid #eee}
 table{border-collapse:collapse;font-size:.85em} td,th{padding:.25em .7em;border-bottom:1px solid #eee;text-align:right}
 td.l,th.l{text-align:left} .vanishing{color:#0077b6} .exploding{color:#e76f00} .nonfinite{color:#d00040}
-.dead{color:#777} .ok{color:#2a9d8f}
+.dead{color:#777} .update_spike{color:#f72585} .ok{color:#2a9d8f}
 """
 
 
@@ -329,9 +419,12 @@ def write_html(run: Run, images: dict[str, str], path: str, title: str) -> str:
                          f"<td class='l'>{html.escape(f.message)}</td></tr>")
         parts.append("</table>")
     else:
-        parts.append("<p class='ok'>No vanishing, exploding, non-finite or dead layers detected.</p>")
+        parts.append("<p class='ok'>No vanishing, exploding, non-finite or dead layers (or update-ratio "
+                     "spikes) detected.</p>")
     for key, heading in (("heatmap", "Gradient norm per layer over time"), ("global_norm", "Global norm"),
-                         ("histogram", "Magnitude histogram over time")):
+                         ("histogram", "Magnitude histogram over time"),
+                         ("update_ratio", "Update-to-weight ratio per layer over time"),
+                         ("noise_scale", "Gradient noise scale")):
         if key in images:
             parts.append(f"<h2>{heading}</h2>{_img(images[key])}")
     parts.append("<h2>Layer health</h2><table><tr><th class='l'>layer</th><th>last norm</th><th>min</th>"
@@ -356,8 +449,12 @@ def make_report(run_dir: str | os.PathLike, *, out_dir: str | os.PathLike | None
         out_dir: where to write (default ``RUN_DIR/report``).
         title: the page title (default: the run directory's name).
 
+    Also ``update_ratio.png`` and ``noise_scale.png`` when the run logged update ratios or a
+    noise scale (JSONL schema 1.1; older files have neither and get the three figures).
+
     Returns:
-        ``{"heatmap": path, "global_norm": path, "histogram": path, "html": path}``.
+        ``{"heatmap": path, "global_norm": path, "histogram": path, "html": path}``, plus
+        ``"update_ratio"`` / ``"noise_scale"`` when drawn.
     """
     try:
         import matplotlib  # noqa: F401
@@ -373,6 +470,10 @@ def make_report(run_dir: str | os.PathLike, *, out_dir: str | os.PathLike | None
         "global_norm": plot_global_norm(run, os.path.join(out, "global_norm.png")),
         "histogram": plot_histogram(run, os.path.join(out, "histogram.png")),
     }
+    if any(s.update_ratio is not None for s in run.steps):
+        images["update_ratio"] = plot_update_ratio(run, os.path.join(out, "update_ratio.png"))
+    if any(s.noise_scale is not None for s in run.steps):
+        images["noise_scale"] = plot_noise_scale(run, os.path.join(out, "noise_scale.png"))
     name = title or f"fastgrad report: {os.path.basename(os.path.abspath(base_dir))}"
     images["html"] = write_html(run, images, os.path.join(out, "report.html"), name)
     return images

@@ -53,6 +53,28 @@ class Logger:
         pass
 
 
+def health_scalars(r: StepRecord, layers: bool = True) -> list[tuple[str, float]]:
+    """``(tag, value)`` scalars of the training-health quantities a record holds (schema 1.1):
+
+    ``health/total_weight_norm``, ``health/total_update_norm``, ``health/total_update_ratio``,
+    ``health/noise_scale`` (the flush's last record), and with ``layers`` per layer
+    ``weight_norm/<layer>``, ``update_norm/<layer>``, ``update_ratio/<layer>``. Only what was
+    measured appears, so a gradient-only run logs none of them.
+    """
+    out: list[tuple[str, float]] = []
+    for tag, v in (("health/total_weight_norm", r.total_param_norm),
+                   ("health/total_update_norm", r.total_update_norm),
+                   ("health/total_update_ratio", r.total_update_ratio), ("health/noise_scale", r.noise_scale)):
+        if v is not None:
+            out.append((tag, float(v)))
+    if layers:
+        for prefix, col in (("weight_norm", r.param_norm), ("update_norm", r.update_norm),
+                            ("update_ratio", r.update_ratio)):
+            if col is not None:
+                out += [(f"{prefix}/{name}", float(col[i])) for i, name in enumerate(r.layers)]
+    return out
+
+
 def trimmed_histogram(counts: np.ndarray, info: RunInfo) -> tuple[np.ndarray, np.ndarray] | None:
     """``(counts, log2 edges)`` cut to the non-empty bins, or None if all bins are empty.
 

@@ -4,7 +4,7 @@ File: ``RUN_DIR/gradients.jsonl``. Every line has a ``"type"``:
 
 ``"meta"`` (first line, once per monitor)::
 
-    {"type": "meta", "schema": 1, "fastgrad_version": "0.1.0", "created": 1.7e9,
+    {"type": "meta", "schema": 1, "schema_minor": 1, "fastgrad_version": "0.1.0", "created": 1.7e9,
      "norm_type": 2.0, "hist_min_exp": -64, "hist_max_exp": 16,
      "every": 1, "histogram_every": 100, "log_every": 50, "max_norm": 1.0 | null,
      "model": "Sequential", "detectors": [{"kind": "vanishing", "relative": 0.001, ...}, ...]}
@@ -21,6 +21,25 @@ File: ``RUN_DIR/gradients.jsonl``. Every line has a ``"type"``:
     Bin 0 counts finite non-zero ``|g| < 2^hist_min_exp``, bin ``1 + e - hist_min_exp``
     counts ``2^e <= |g| < 2^(e+1)``, the last bin ``|g| >= 2^hist_max_exp``
     (:class:`fastgrad.HistogramSpec`); zeros, NaN and ±Inf are the layer's counters.
+
+Schema version: ``schema`` (major) changes only when an older reader would misread a file;
+``schema_minor`` counts additive changes, whose keys older readers ignore. A meta line without
+``schema_minor`` is 1.0 (files written before it) and reads the same.
+
+- 1.0: the keys above.
+- 1.1 (training health, each key present only when measured on that step):
+
+  - per layer, in ``"layers"``: ``"param_norm"`` (``||w||`` of the layer's weights, from the
+    same launch as the gradients: ``GradMonitor(weights=True)``), ``"update_norm"``
+    (``||w_after - w_before||``) and ``"update_ratio"`` (``||Δw|| / ||w_before||``) of this
+    step (``fastgrad.wrap(..., monitor=m, track_updates=True)``);
+  - in ``"total"``: ``"param_norm"``, ``"update_norm"``, ``"update_ratio"`` over the whole model
+    (the optimizer's tensors for the updates);
+  - ``"noise_scale"``: the gradient noise scale ``B_simple`` (``GradMonitor(noise_scale=...)``),
+    on the last step line of each flush (the value read at that flush).
+
+  Example: ``"layers": {"h.0.mlp": {"norm": 0.1, ..., "param_norm": 12.3, "update_norm": 0.004,
+  "update_ratio": 3.2e-4}}``, ``"total": {..., "update_ratio": 2.9e-4}``, ``"noise_scale": 812.0``.
 
 ``"finding"`` (one per detector event, after the steps of the same flush)::
 

@@ -4,7 +4,11 @@ Scalars (``global_step`` = the monitor's step):
 
 * ``grad/global_norm``, ``grad/global_max_abs``, ``grad/nonfinite`` (elements),
   ``grad/zero_fraction``, and ``grad/clip_coef`` / ``grad/skipped`` when known;
-* ``grad_norm/<layer>`` per layer (``layer_scalars=True``).
+* ``grad_norm/<layer>`` per layer (``layer_scalars=True``);
+* training health, when measured (:func:`fastgrad.loggers.base.health_scalars`):
+  ``health/total_weight_norm``, ``health/total_update_norm``, ``health/total_update_ratio``,
+  ``health/noise_scale`` and per layer (``layer_scalars=True``) ``weight_norm/<layer>``,
+  ``update_norm/<layer>``, ``update_ratio/<layer>``.
 
 Histograms come straight from the fused pass's counts with
 ``add_histogram_raw`` — no tensor is copied to the host. The x-axis is
@@ -24,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .base import Logger, RunInfo, StepRecord, trimmed_histogram
+from .base import Logger, RunInfo, StepRecord, health_scalars, trimmed_histogram
 
 
 class TensorBoardLogger(Logger):
@@ -73,6 +77,8 @@ class TensorBoardLogger(Logger):
             if self.layer_scalars:
                 for i, name in enumerate(r.layers):
                     w.add_scalar(f"grad_norm/{name}", float(r.norm[i]), s)
+            for tag, v in health_scalars(r, self.layer_scalars):
+                w.add_scalar(tag, v, s)
             if r.histograms is not None:
                 self._hist("grad_log2_magnitude/global", r.global_histogram, s)
                 if self.layer_histograms:

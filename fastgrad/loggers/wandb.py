@@ -9,14 +9,17 @@ histogram steps, ``grad_hist/global`` (and ``grad_hist/<layer>`` with
 ``layer_histograms=True``) as ``wandb.Histogram(np_histogram=(counts,
 log2_edges))`` built from the fused pass's counts — the same fixed
 power-of-two bins at every step, unlike ``wandb.watch``, whose bins follow
-each step's min/max. Findings are appended to ``run.summary["fastgrad/findings"]``.
+each step's min/max. Training health, when measured, under the same x-axis:
+``health/total_weight_norm``, ``health/total_update_norm``, ``health/total_update_ratio``,
+``health/noise_scale`` and per layer ``weight_norm/<layer>``, ``update_norm/<layer>``,
+``update_ratio/<layer>`` (:func:`fastgrad.loggers.base.health_scalars`). Findings are appended to ``run.summary["fastgrad/findings"]``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import Logger, RunInfo, StepRecord, trimmed_histogram
+from .base import Logger, RunInfo, StepRecord, health_scalars, trimmed_histogram
 
 
 class WandbLogger(Logger):
@@ -41,6 +44,8 @@ class WandbLogger(Logger):
             self.run = self._wandb.init(**kw)
         self.run.define_metric("grad/step")
         self.run.define_metric("grad*", step_metric="grad/step")
+        for pattern in ("health/*", "weight_norm/*", "update_norm/*", "update_ratio/*"):
+            self.run.define_metric(pattern, step_metric="grad/step")
 
     def log_steps(self, records: Sequence[StepRecord]) -> None:
         wb = self._wandb
@@ -59,6 +64,7 @@ class WandbLogger(Logger):
             if self.layer_scalars:
                 for i, name in enumerate(r.layers):
                     d[f"grad_norm/{name}"] = float(r.norm[i])
+            d.update(health_scalars(r, self.layer_scalars))
             if r.histograms is not None:
                 hists = [("global", r.global_histogram)]
                 if self.layer_histograms:

@@ -35,6 +35,10 @@ class Attachment:
             optimizer.register_load_state_dict_pre_hook(self._load_pre),
             optimizer.register_load_state_dict_post_hook(self._load_post),
         ]
+        if guard.options.track_updates:
+            # after our own hooks: the tracker's pre-hook then sees the gradients (hidden on a
+            # skipped step) and the found_inf our pre-hook set
+            guard.install_tracker(optimizer)
         optimizer._fastgrad_attachment = self  # type: ignore[attr-defined]
         optimizer.last_stats = None  # type: ignore[attr-defined]
         optimizer.fastgrad_nonfinite_names = guard.last_nonfinite_names  # type: ignore[attr-defined]
@@ -76,6 +80,7 @@ class Attachment:
                 found_inf = plan.found_inf()
                 if found_inf is not None:
                     opt.found_inf = found_inf
+                self.guard.begin_update(plan)
                 return
             self.guard.scale(plan)  # c / S, or 1 on a skipped step
             if plan.may_skip and plan.skipped_on_host():  # the one host read
@@ -86,6 +91,7 @@ class Attachment:
                     p.grad = None
             else:
                 self.guard.write_clipped(plan)
+            self.guard.begin_update(plan)
         return
 
     def _post(self, opt, args, kwargs) -> None:
@@ -95,6 +101,7 @@ class Attachment:
             d.pop("found_inf", None)
             d.update(self._saved)  # GradScaler deletes its own attributes after step()
             self._saved = {}
+        self.guard.end_update(self._plan)  # before the gradients come back
         for p, g in self._hidden:
             p.grad = g
         self._hidden = []
@@ -134,6 +141,7 @@ def attach(
     backend: str | None = None,
     process_group: Any = None,
     placements: Any = None,
+    track_updates: bool = False,
 ) -> Attachment:
     """Give ``optimizer`` what :func:`wrap` gives, in place, through step pre/post hooks.
 
@@ -143,12 +151,14 @@ def attach(
     with a closure raises (the closure would make the gradients after the hook ran), and a
     skipped step on the scaled path runs ``step()`` with the gradients hidden (``.grad = None``
     for its duration, restored after), which torch's optimizers treat as "no update" for every
-    parameter. ``.grad`` afterwards: as with :func:`wrap`. Undo with :func:`detach`.
+    parameter. ``.grad`` afterwards: as with :func:`wrap`. ``track_updates=True``: as with
+    :func:`wrap` (the tracker's hook is registered after attach's own). Undo with :func:`detach`.
     """
     options = GuardOptions.build(optimizer, "attach", max_norm=max_norm, norm_type=norm_type,
                                  clip_value=clip_value, clipper=clipper, skip_nonfinite=skip_nonfinite,
                                  spike_skip=spike_skip, model=model, monitor=monitor, backend=backend,
-                                 process_group=process_group, placements=placements)
+                                 process_group=process_group, placements=placements,
+                                 track_updates=track_updates)
     return Attachment(optimizer, Guard(options))
 
 
@@ -162,5 +172,7 @@ def detach(optimizer: torch.optim.Optimizer | Attachment) -> None:
                          "detach: keep using the inner optimizer, `.optimizer`)")
     for h in att._handles:
         h.remove()
+    if att.guard.tracker is not None:
+        att.guard.tracker.remove()
     for k in ("_fastgrad_attachment", "last_stats", "fastgrad_nonfinite_names"):
         optimizer.__dict__.pop(k, None)

@@ -52,14 +52,20 @@ class StepStats:
         nonfinite: bool 0-d, True if some gradient held NaN or Inf.
         spike: bool 0-d from the spike detector, or None without one.
         amp_scale: the GradScaler's scale the gradients still carried (float32 0-d), or None.
+        updates: the :class:`fastgrad.UpdateStats` of this step (``track_updates=True`` on a
+            tracked step: every step without a monitor, the monitored ones with one), else None.
+        update_norms, update_ratio: its float64 ``[T]`` ``||w_after - w_before||`` and
+            ``||Δw|| / ||w_before||`` per optimizer tensor (``updates.names`` order), or None.
 
     The 0-d tensors are views of the fused epilogue's outputs, made when first read.
     """
 
-    __slots__ = ("_stats", "_result", "_clip_coef", "_amp_scale")
+    __slots__ = ("_stats", "_result", "_clip_coef", "_amp_scale", "_updates")
     _UNSET = object()
 
-    def __init__(self, stats, result: _ep.EpilogueResult, clip_coef: Any = _UNSET, amp_scale=None) -> None:
+    def __init__(self, stats, result: _ep.EpilogueResult, clip_coef: Any = _UNSET, amp_scale=None,
+                 updates=None) -> None:
+        object.__setattr__(self, "_updates", updates)
         object.__setattr__(self, "_stats", stats)
         object.__setattr__(self, "_result", result)
         object.__setattr__(self, "_clip_coef", clip_coef)
@@ -72,10 +78,14 @@ class StepStats:
         return {k: getattr(self, k) for k in StepStats.__slots__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        object.__setattr__(self, "_updates", None)  # states pickled before updates existed
         for k, v in state.items():
             object.__setattr__(self, k, v)
 
     stats = property(lambda self: self._stats)
+    updates = property(lambda self: self._updates)
+    update_norms = property(lambda self: None if self._updates is None else self._updates.update_norms)
+    update_ratio = property(lambda self: None if self._updates is None else self._updates.update_ratio)
     amp_scale = property(lambda self: self._amp_scale)
     total_norm = property(lambda self: self._result.total)
     skipped = property(lambda self: self._result.skipped)
@@ -103,9 +113,12 @@ class StepStats:
 class Plan:
     """One step between the statistics pass and the optimizer step."""
 
-    __slots__ = ("params", "names", "stats", "result", "may_skip", "amp_scale", "clip_coef")
+    __slots__ = ("params", "names", "stats", "result", "may_skip", "amp_scale", "clip_coef", "track", "updates")
 
-    def __init__(self, params, names, stats, result: _ep.EpilogueResult, may_skip: bool, amp_scale) -> None:
+    def __init__(self, params, names, stats, result: _ep.EpilogueResult, may_skip: bool, amp_scale,
+                 track: bool = False) -> None:
+        self.track = track  # measure this step's update (UpdateTracker armed around the inner step)
+        self.updates = None
         self.params = params
         self.names = names
         self.stats = stats
@@ -161,6 +174,28 @@ class Guard:
         self._fused_ok: tuple[torch.device, bool] | None = None
         self._stats_kwargs = {"norm_types": (self.norm_type,), "histogram": False, "backend": self.backend,
                               **options.dist_kwargs}
+        self.tracker = None  # UpdateTracker with track_updates=True (install_tracker)
+        self._monitored = True  # whether the monitor's latest request asked for this step
+        self._record_takes_updates: bool | None = None
+
+    # -- update norms (track_updates=True) ---------------------------------------------------
+    def install_tracker(self, optimizer: torch.optim.Optimizer) -> None:
+        """Build the :class:`fastgrad.UpdateTracker` of ``optimizer`` (the inner one). Called by
+        wrap/attach after they registered their own step hooks: hooks run in registration order,
+        so the tracker's pre-hook sees the gradients and ``found_inf`` the step really gets."""
+        from ..updates import UpdateTracker
+
+        self.tracker = UpdateTracker(optimizer, model=self.options.model)
+
+    def begin_update(self, plan: Plan | None) -> None:
+        """Right before the inner ``step()`` (after clipping / hiding the gradients): arm the tracker."""
+        if plan is not None and plan.track:
+            self.tracker.before_step()
+
+    def end_update(self, plan: Plan | None) -> None:
+        """Right after the inner ``step()`` (or instead of it, on a skipped step: zeros)."""
+        if plan is not None and plan.track:
+            plan.updates = self.tracker.after_step()
 
     @property
     def model_names(self):
@@ -180,6 +215,7 @@ class Guard:
     def stats_kwargs(self) -> dict[str, Any]:
         """:func:`fastgrad.grad_stats` arguments: ours, merged with the monitor's request for this step."""
         req = self.monitor.stats_request() if self.monitor is not None else None
+        self._monitored = self.monitor is None or req is not None
         if not req:
             return self._stats_kwargs
         if not isinstance(req, dict):
@@ -192,10 +228,15 @@ class Guard:
                     p for p in extra if parse_norm_type(p) != self.norm_type)
             elif k in ("histogram", "groups", "backend"):
                 kw[k] = v
+            elif k == "params":  # weight norms in the same launch (grad_stats(..., params=True))
+                if not isinstance(v, bool):
+                    raise TypeError(f"monitor.stats_request()['params'] must be a bool, got {type(v).__name__}")
+                if v:
+                    kw["params"] = True
             else:
                 raise ValueError(
                     f"monitor.stats_request() asked for {k!r}; the optimizer integration passes only "
-                    "norm_types, histogram, groups and backend on to grad_stats"
+                    "norm_types, histogram, groups, backend and params on to grad_stats"
                 )
         return kw
 
@@ -213,7 +254,10 @@ class Guard:
         result = self._epilogue(stats, amp_scale, amp_found, bad, (params, names), dev)
         self._bad = (names, stats.names, result.bad, dev)
         may_skip = self.skip_nonfinite or self.spike_skip is not None or amp_found is not None
-        return Plan(params, names, stats, result, may_skip, amp_scale)
+        # with a monitor, updates are measured on its monitored steps only (the cost is per
+        # tracked step, docs/health.md); without one, on every step
+        track = self.tracker is not None and self._monitored
+        return Plan(params, names, stats, result, may_skip, amp_scale, track)
 
     def _bad_counts(self, key: list[str], names: tuple[str, ...], device: torch.device) -> torch.Tensor:
         """The per-tensor non-finite counts of the latest bad step over these names (zeros for new
@@ -283,11 +327,29 @@ class Guard:
 
     # -- after the step ---------------------------------------------------------------------
     def finish(self, plan: Plan) -> StepStats:
-        record = StepStats(plan.stats, plan.result, plan.clip_coef, plan.amp_scale)
+        record = StepStats(plan.stats, plan.result, plan.clip_coef, plan.amp_scale, plan.updates)
         self.last_stats = record
         if self.monitor is not None:
-            self.monitor.record(plan.stats, clip_coef=record.clip_coef, skipped=record.skipped)
+            if plan.updates is not None and self._takes_updates():
+                self.monitor.record(plan.stats, clip_coef=record.clip_coef, skipped=record.skipped,
+                                    updates=plan.updates)
+            else:
+                self.monitor.record(plan.stats, clip_coef=record.clip_coef, skipped=record.skipped)
         return record
+
+    def _takes_updates(self) -> bool:
+        """Whether ``monitor.record`` accepts ``updates=`` (the keyword is optional in the
+        contract: monitors written before it keep working and simply do not get it)."""
+        if self._record_takes_updates is None:
+            import inspect
+
+            try:
+                ps = inspect.signature(self.monitor.record).parameters.values()
+            except (TypeError, ValueError):
+                ps = ()
+            self._record_takes_updates = any(
+                q.name == "updates" or q.kind is inspect.Parameter.VAR_KEYWORD for q in ps)
+        return self._record_takes_updates
 
     def last_nonfinite_names(self) -> list[str]:
         """Names of the gradients that held NaN/Inf in the most recent step that had any (one sync)."""

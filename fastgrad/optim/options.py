@@ -30,6 +30,7 @@ class GuardOptions:
     backend: str | None = None
     process_group: Any = None
     placements: Any = None
+    track_updates: bool = False
 
     @property
     def dist_kwargs(self) -> dict[str, Any]:
@@ -40,7 +41,7 @@ class GuardOptions:
     @classmethod
     def build(cls, optimizer: Any, what: str, *, max_norm=None, norm_type=2.0, clip_value=None, clipper=None,
               skip_nonfinite=True, spike_skip=None, model=None, monitor=None, backend=None, process_group=None,
-              placements=None) -> GuardOptions:
+              placements=None, track_updates=False) -> GuardOptions:
         """Validate the arguments of ``what()`` (``"wrap"`` or ``"attach"``) for ``optimizer``."""
         check_optimizer(optimizer, what)
         given = [n for n, v in (("max_norm", max_norm), ("clip_value", clip_value), ("clipper", clipper))
@@ -72,9 +73,12 @@ class GuardOptions:
                                         and callable(getattr(monitor, "record", None))):
             raise TypeError("monitor must have stats_request() and record(stats, clip_coef=..., skipped=...) "
                             f"methods (e.g. fastgrad.GradMonitor), got {type(monitor).__name__}")
+        if not isinstance(track_updates, bool):
+            raise TypeError(f"track_updates must be a bool, got {type(track_updates).__name__}")
         model = _resolve_model(optimizer, model, monitor)
         return cls(clipper=clipper, norm_type=p, skip_nonfinite=skip_nonfinite, spike_skip=spike_skip, model=model,
-                   monitor=monitor, backend=backend, process_group=process_group, placements=placements)
+                   monitor=monitor, backend=backend, process_group=process_group, placements=placements,
+                   track_updates=track_updates)
 
 
 def check_optimizer(optimizer: Any, what: str) -> None:

@@ -187,13 +187,19 @@ class FastgradOptimizer(torch.optim.Optimizer):
         if plan is None:  # no gradients: nothing to clip; pass any GradScaler state through
             folded_step(self.optimizer, amp_scale if self._folds else None, amp_found if self._folds else None)
         elif self._folds:
-            folded_step(self.optimizer, guard.fold(plan), plan.found_inf())
+            grad_scale = guard.fold(plan)
+            guard.begin_update(plan)  # the tracker's pre-hook reads found_inf from the folded step
+            folded_step(self.optimizer, grad_scale, plan.found_inf())
         else:
             guard.scale(plan)  # c / S, or 1 on a skipped step
             if not (plan.may_skip and plan.skipped_on_host()):  # the one host read, as GradScaler's
                 guard.write_clipped(plan)
+                guard.begin_update(plan)
                 self.optimizer.step()
+            else:
+                guard.begin_update(plan)  # not stepped: the tracker reports zeros
         if plan is not None:
+            guard.end_update(plan)
             guard.finish(plan)
         for hook in self._optimizer_step_post_hooks.values():
             hook(self, (closure,), {})
@@ -214,6 +220,7 @@ def wrap(
     backend: str | None = None,
     process_group: Any = None,
     placements: Any = None,
+    track_updates: bool = False,
 ) -> FastgradOptimizer:
     """Return ``optimizer`` wrapped so that every ``step()`` clips and guards, without extra passes or syncs.
 
@@ -241,6 +248,15 @@ def wrap(
             :func:`fastgrad.grad_stats` (DTensor gradients, e.g. FSDP2, need neither: their
             mesh is used); statistics and the clip coefficient are then global, and each
             rank scales its own shards.
+        track_updates: also measure each step's update ``Δw = w_after - w_before``
+            (:class:`fastgrad.UpdateTracker`): ``last_stats.updates`` (an :class:`UpdateStats`:
+            per tensor, per optimizer param group and total ``||Δw||``, ``||w_before||`` and
+            their ratio), ``last_stats.update_norms`` / ``update_ratio`` (float64 ``[T]``), handed
+            to ``monitor.record(..., updates=)`` when it takes that keyword. With a monitor, only
+            on its monitored steps; without one, on every step. Cost per tracked step (no host
+            sync): derived from the optimizer's state for torch's Adam/AdamW/SGD/Adagrad/RMSprop
+            (about one more read of the state and weights plus one fused norm pass), else one
+            copy of the weights held over the step (docs/health.md, "Update norms").
 
     Each step: one statistics pass, one fused epilogue call (:mod:`fastgrad.optim.epilogue`:
     the coefficient ``c = min(max_norm / (n + 1e-6), 1)`` of the true norm ``n``, the skip
@@ -259,5 +275,8 @@ def wrap(
     options = GuardOptions.build(optimizer, "wrap", max_norm=max_norm, norm_type=norm_type, clip_value=clip_value,
                                  clipper=clipper, skip_nonfinite=skip_nonfinite, spike_skip=spike_skip,
                                  model=model, monitor=monitor, backend=backend, process_group=process_group,
-                                 placements=placements)
-    return FastgradOptimizer(optimizer, Guard(options))
+                                 placements=placements, track_updates=track_updates)
+    guard = Guard(options)
+    if track_updates:
+        guard.install_tracker(optimizer)
+    return FastgradOptimizer(optimizer, guard)
