@@ -430,3 +430,13 @@ def test_nonfinite_message_lists_four_layers_then_counts():
     for k, tail in ((4, "l3 (NaN 1 of 4); global norm nan"), (5, "l3 (NaN 1 of 4); and 1 more; global norm nan")):
         (f,) = NonFiniteDetector().update(record(0, [1.0] * k, total=math.nan, nan=[1] * k))
         assert f.message.endswith(tail), (k, f.message)
+
+
+def test_nonfinite_episode_needs_cooldown_clear_steps_in_a_row():
+    det = NonFiniteDetector(cooldown=3)
+    bad = dict(nan=[1, 0], posinf=[0, 0], neginf=[0, 0])
+    steps = [bad, {}, {}, bad, {}, {}, {}, bad]  # 2 clear steps keep the episode; 3 end it
+    got = []
+    for s, c in enumerate(steps):
+        got += [f.step for f in det.update(record(s, [1.0, 1.0], total=math.nan if c else 1.0, **c))]
+    assert got == [0, 7]
