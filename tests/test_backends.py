@@ -107,8 +107,10 @@ class Target:
         return values[:2] + values[-1:] if self.interpreted and len(values) > 3 else values
 
     def big(self) -> int:
-        """A size that crosses a chunk boundary, cheap enough for every target."""
-        return CHUNK + 5 if self.interpreted else CHUNK + 4097
+        """A size that crosses a chunk boundary (but for the interpreter), cheap enough for every target."""
+        # The interpreter crosses chunks in test_sizes_dtypes_and_values (CHUNK + 1),
+        # test_chunks_of_very_different_scales and test_triton.py's chunk=128 test; elsewhere it stays in one.
+        return 4097 if self.interpreted else CHUNK + 4097
 
     def __str__(self) -> str:  # also the test id: `pytest -k triton_cpu` selects one target
         return f"{self.name}_{self.device}"
@@ -360,7 +362,7 @@ def test_16bit_squares_leaving_float_range(target, dtype):
 
 
 def test_total_does_not_depend_on_how_a_tensor_is_split(target):
-    x = make_tensor(300_007, torch.float32, "wide").to(target.dev)
+    x = make_tensor(70_001 if target.interpreted else 300_007, torch.float32, "wide").to(target.dev)
     spec = make_spec((2.0, 1.0, "inf"), True)
     whole = target.backend.stats([x], spec).total
     pieces = target.backend.stats(list(x.split(12_345)), spec).total
