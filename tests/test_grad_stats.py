@@ -346,3 +346,15 @@ def test_group_norms_of_small_and_tiny_members(backend):
     with pytest.warns(UserWarning, match="no tensors were given"):
         z = fastgrad.grad_stats([], groups=[], backend=backend)
     assert z.groups.names == () and z.groups.tensor_norms.shape == (0,) and z.groups.max_abs.shape == (0,)
+
+
+def test_weights_follow_groups_and_total_and_lists_are_not_grouped():
+    m = tiny_model()
+    s = fastgrad.grad_stats(m, params=True)
+    ws = {n: p.detach().double() for n, p in m.named_parameters()}
+    want0 = torch.cat([ws["0.weight"].flatten(), ws["0.bias"].flatten()]).norm().item()
+    assert s.groups.names == ("0", "2.0", "2.1")
+    assert s.groups.param_norms[0].item() == pytest.approx(want0, rel=1e-12, abs=0)
+    assert s.total.param_norms[0].item() == pytest.approx(s.total_param_norm.item(), rel=1e-15, abs=0)
+    assert fastgrad.grad_stats(list(m.parameters())).groups is None  # only a Module is grouped by default
+    assert fastgrad.grad_stats([p.grad for p in m.parameters()]).groups is None
