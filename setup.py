@@ -170,8 +170,17 @@ class BuildExt(build_ext):
               + "; triton at run time if installed")
 
 
+def _needs_recompile(obj: str, src: str) -> bool:
+    """An object is stale when older than its source or than any file under csrc/: the wrappers in
+    csrc/cpu/isa/ include the kernels' .cpp files, which a per-file time check would miss."""
+    if naive_recompile(obj, src):
+        return True
+    newest = max(os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk("csrc") for f in fs)
+    return os.path.getmtime(obj) < newest
+
+
 # The CPU sources compile in parallel (the kernels three times: one per path).
-ParallelCompile("FASTGRAD_BUILD_JOBS", needs_recompile=naive_recompile).install()
+ParallelCompile("FASTGRAD_BUILD_JOBS", needs_recompile=_needs_recompile).install()
 
 ext_modules = [
     Pybind11Extension(

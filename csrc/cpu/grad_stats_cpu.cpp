@@ -177,6 +177,20 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
+// mask ? a : b lane by lane, for a mask from a vector comparison (lanes all ones
+// or zero). With AVX-512 GCC compiles the vector ternary to mask-register
+// blends; on narrower ISAs it turns the ternary of these 64-byte types into
+// one scalar compare-and-move per lane (about 20x slower for the whole pass),
+// so there the same bits are blended with and/or.
+template <typename M, typename V>
+inline V sel(M mask, V a, V b) {
+#if defined(__AVX512F__) || defined(__clang__)
+  return mask ? a : b;
+#else
+  return (V)(((M)a & mask) | ((M)b & ~mask));
+#endif
+}
+
 // The float bits of 16 consecutive values.
 inline u32x16 load_bits(const float* p) {
   u32x16 u;
@@ -217,7 +231,7 @@ inline u32x16 load_bits(const F16* p) {
   const f32x16 sub = __builtin_convertvector((i32x16)em, f32x16) * 5.9604644775390625e-08f;  // em * 2^-24
   u32x16 sub_bits;
   std::memcpy(&sub_bits, &sub, sizeof(sub_bits));
-  const u32x16 mag = em >= 0x7c00u ? special : (em < 0x400u ? sub_bits : normal);
+  const u32x16 mag = sel(em >= 0x7c00u, special, sel(em < 0x400u, sub_bits, normal));
   return sign | mag;
 }
 
@@ -385,7 +399,7 @@ inline void count_missed(const In* __restrict x, int64_t nv, int64_t missed, uin
     for (int64_t i = 0; i < nv; i += 16) {
       const u32x16 au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
       const i32x16 out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
-      const u16x16 k = __builtin_convertvector(out ? e : uint32_t(kScratchKey), u16x16);
+      const u16x16 k = __builtin_convertvector(sel(out, e, u32x16{} + uint32_t(kScratchKey)), u16x16);
       std::memcpy(key16 + i, &k, sizeof(k));
     }
     count_keys(key16, nv, keys);
@@ -461,15 +475,15 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
         s2a += lo * lo;
         s2b += hi * hi;
       }
-      mx = a > mx ? a : mx;  // NaN compares false: max over non-NaN values
-      c_zero = au == 0u ? c_zero + 1 : c_zero;
+      mx = sel(a > mx, a, mx);  // NaN compares false: max over non-NaN values
+      c_zero = sel(au == 0u, c_zero + 1, c_zero);
       if constexpr (kHist) {
         // Exponent e = au >> 23 goes to field e % 8 (bits 4 (e % 8) and up) of
         // counter e / 8 - base / 8, which is none of them outside the window
         // (also for zeros, subnormals, NaN and Inf, see Window).
         const u32x16 bit = field_bit(au);
         const u32x16 e8 = au >> 26;
-        for (int c = 0; c < kNibbleCounters; ++c) nib[c] = e8 == first + c ? nib[c] + bit : nib[c];
+        for (int c = 0; c < kNibbleCounters; ++c) nib[c] = sel(e8 == first + c, nib[c] + bit, nib[c]);
       }
     }
     if constexpr (kFloatSquares) add_double(s2a, s2b, sq);
@@ -560,8 +574,8 @@ inline void block_pass_bf16(const BF16* __restrict x, int64_t n, BlockAcc& acc, 
       u16x32 h;
       std::memcpy(&h, x + i, sizeof(h));
       const u16x32 a = h & 0x7fff;
-      mx = a > mx ? a : mx;
-      c_zero = a == 0 ? c_zero + 1 : c_zero;
+      mx = sel(a > mx, a, mx);
+      c_zero = sel(a == 0, c_zero + 1, c_zero);
       const u16x32 z = {};
       const u16x32 lo = __builtin_shufflevector(z, a, 0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43,
                                                 16, 48, 17, 49, 18, 50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59);
@@ -576,7 +590,7 @@ inline void block_pass_bf16(const BF16* __restrict x, int64_t n, BlockAcc& acc, 
         const u16x32 bit = field_bit16(a);
         const u16x32 e4 = a >> 9;  // NaN/Inf: 63, beyond every counter; zeros: 0, below
         for (int c = 0; c < kNibbleCounters16; ++c)
-          nib[c] = e4 == uint16_t(first + c) ? nib[c] + bit : nib[c];
+          nib[c] = sel(e4 == uint16_t(first + c), nib[c] + bit, nib[c]);
       }
     }
     add_double(sq_lo);
