@@ -582,3 +582,51 @@ def test_no_grads_is_a_plain_step():
     opt = fastgrad.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), max_norm=1.0)
     opt.step()
     assert opt.last_stats is None and not opt.state
+
+
+# -- pinned for mutation testing (survivors in fastgrad/optim/) ----------------------------------
+
+
+def test_inf_norm_clip_matches_torch_and_error_texts():
+    ours, theirs = make_model(), make_model()
+    opt = fastgrad.wrap(torch.optim.AdamW(ours.parameters(), lr=1e-2, fused=True), max_norm=0.05, norm_type="inf")
+    ref = torch.optim.AdamW(theirs.parameters(), lr=1e-2, fused=True)
+    for step in range(5):
+        opt.zero_grad()
+        loss_of(ours, step).backward()
+        n_inf = max(p.grad.abs().max().item() for p in ours.parameters())
+        opt.step()
+        assert opt.last_stats.total_norm.item() == n_inf
+        assert opt.last_stats.clip_coef.item() == pytest.approx(min(0.05 / (n_inf + 1e-6), 1.0), rel=1e-12, abs=0)
+        ref.zero_grad()
+        loss_of(theirs, step).backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.05, norm_type="inf")
+        ref.step()
+    assert_params_close(ours, theirs)
+    model = make_model()
+    opt = fastgrad.wrap(torch.optim.AdamW(model.parameters()), clipper=clip.AutoClip(history=5))
+    with pytest.raises(ValueError, match=r"^not a fastgrad optimizer state \(version \d+\): list$"):
+        opt.load_state_dict({**opt.state_dict(), "fastgrad": []})
+    plain = fastgrad.wrap(torch.optim.AdamW(model.parameters()))
+    with pytest.raises(ValueError, match=r"this optimizer has no clipper"):
+        plain.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match=r"this optimizer has AutoClip\(percentile=10\.0, history=5\)"):
+        opt.load_state_dict(plain.state_dict())
+    a = fastgrad.wrap(torch.optim.SGD(model.parameters(), lr=0.1), spike_skip=SpikeSkip(sigma=3.0, window=4))
+    b = fastgrad.wrap(torch.optim.SGD(model.parameters(), lr=0.1), spike_skip=SpikeSkip(sigma=2.0, window=4))
+    with pytest.raises(ValueError, match=r"SpikeSkip: saved window/sigma 4/3\.0 differ from 4/2\.0"):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="clamping elements and clipping the norm in one step is not offered"):
+        fastgrad.wrap(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0, clip_value=0.1)
+
+
+def test_wrapper_never_borrows_grad_scale_or_found_inf():
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), fused=True)
+    inner.grad_scale = torch.tensor(4.0)  # stale attributes left on the inner optimizer
+    inner.found_inf = torch.tensor(1.0)
+    opt = fastgrad.wrap(inner)
+    for name in ("grad_scale", "found_inf"):
+        with pytest.raises(AttributeError):
+            getattr(opt, name)
+    assert opt.defaults is inner.defaults
