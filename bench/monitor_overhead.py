@@ -11,6 +11,20 @@ LM head; AdamW) is trained with:
 * ``wandb.watch``     ``wandb.watch(model, log="gradients", log_freq=1)`` in offline mode;
 * ``norm loop + TB``  ``for n, p in model.named_parameters(): writer.add_scalar(n, p.grad.norm(), step)``.
 
+Training health, "everything on every 10 steps" (issue #13). These rows accumulate two
+micro-batches of 4 per step (the noise scale needs two batch sizes) and clip at 1.0, against
+``accum: none + clip_grad_norm_`` (the same without monitoring):
+
+* ``accum: health/10 fastgrad``  ``GradMonitor(every=10, weights=True, noise_scale=ns,
+  log_every=2)`` on ``fastgrad.wrap(max_norm=1.0, track_updates=True)``: per-layer gradient
+  stats, weight norms (same launch), update norms and ratios (derived from AdamW's state),
+  and ``NoiseScale.first_micro_batch`` / ``accumulated`` on the monitored steps; a flush (one
+  transfer, detectors, JSONL) every 20 steps;
+* ``accum: health/10 per-param loop``  composer/OLMo style on the same steps: one
+  ``vector_norm`` per parameter for the gradient and the weight, a clone of every weight before
+  the step and one norm of each difference after, the two squared gradient norms of the noise
+  scale summed over parameters, every value read with ``.item()``; the same EMA in Python.
+
 All fastgrad variants write JSONL (flushing every 50 steps); for the
 GradMonitor rows the monitor's own work is also timed alone on real
 gradients (``direct``), since it is below the end-to-end noise. Each variant
@@ -134,6 +148,67 @@ def make_variant(name: str, device: str, tmp: str):
                 writer.add_scalar(f"grad_norm/{n}", p.grad.norm(), counter[0])
             counter[0] += 1
             opt.step()
+    elif name.startswith("accum:"):
+        micro = ids.reshape(2, 4, ids.shape[1])
+        counter = [0]
+
+        def accum_bwd(first_hook=None):
+            opt.zero_grad(set_to_none=True)
+            for j in range(2):
+                out = model(micro[j][:, :-1])
+                loss = loss_fn(out.reshape(-1, out.shape[-1]), micro[j][:, 1:].reshape(-1)) / 2
+                loss.backward()
+                if j == 0 and first_hook is not None:
+                    first_hook()
+
+        if name == "accum: none + clip_grad_norm_":
+            def step():
+                accum_bwd()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+        elif name == "accum: health/10 fastgrad":
+            ns = fastgrad.NoiseScale()
+            mon = fastgrad.GradMonitor(model, every=10, log_every=2, weights=True, noise_scale=ns, run_dir=run_dir)
+            wopt = fastgrad.wrap(opt, max_norm=1.0, model=model, monitor=mon, track_updates=True)
+            cleanup.append(mon.close)
+
+            def step():
+                on = counter[0] % 10 == 0
+                counter[0] += 1
+                accum_bwd((lambda: ns.first_micro_batch(model)) if on else None)
+                if on:
+                    ns.accumulated(model, micro_batch_size=4, micro_batches=2)
+                wopt.step()
+        elif name == "accum: health/10 per-param loop":
+            params = [p for p in model.parameters()]
+            ema = {"g2": 0.0, "tr": 0.0}
+            first = [0.0]
+            log: list = []
+
+            def sq():
+                return sum(torch.linalg.vector_norm(p.grad).item() ** 2 for p in params if p.grad is not None)
+
+            def step():
+                on = counter[0] % 10 == 0
+                counter[0] += 1
+                accum_bwd((lambda: first.__setitem__(0, sq())) if on else None)
+                if on:
+                    big = sq()
+                    g2 = (8 * big - 4 * first[0]) / 4  # two_batch_estimates(b_small=4, b_big=8)
+                    tr = (first[0] - big) / (1 / 4 - 1 / 8)
+                    ema["g2"] = 0.99 * ema["g2"] + 0.01 * g2
+                    ema["tr"] = 0.99 * ema["tr"] + 0.01 * tr
+                    gn = [torch.linalg.vector_norm(p.grad).item() for p in params]
+                    wn = [torch.linalg.vector_norm(p).item() for p in params]
+                    before = [p.detach().clone() for p in params]
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                if on:
+                    un = [torch.linalg.vector_norm(p.detach() - b).item() for p, b in zip(params, before)]
+                    log.append((gn, wn, un, [u / w if w else 0.0 for u, w in zip(un, wn)],
+                                ema["tr"] / ema["g2"] if ema["g2"] else float("nan")))
+        else:
+            raise ValueError(name)
     else:
         raise ValueError(name)
     return step, cleanup
@@ -156,9 +231,12 @@ def available(name: str) -> str | None:
     return None
 
 
-def bench(device: str, steps: int, rounds: int, threads: int | None) -> list[dict]:
+def bench(device: str, steps: int, rounds: int, threads: int | None, only=None) -> list[dict]:
     names = ["none", "fastgrad", "fastgrad+hist", "none + clip_grad_norm_", "fastgrad wrap", "wandb.watch",
-             "norm loop + TB"]
+             "norm loop + TB", "accum: none + clip_grad_norm_", "accum: health/10 fastgrad",
+             "accum: health/10 per-param loop"]
+    if only:
+        names = [n for n in names if n in only]
     skipped = {n: available(n) for n in names}
     names = [n for n in names if skipped[n] is None]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -194,14 +272,15 @@ def bench(device: str, steps: int, rounds: int, threads: int | None) -> list[dic
             for n in names:
                 for fn in variants[n][1]:
                     fn()
-    base = best["none"]
+    base = best.get("none", float("nan"))
     wandb_over = best["wandb.watch"] - base if "wandb.watch" in best else None
     rows = []
     for n in names:
-        ref = best["none + clip_grad_norm_"] if n == "fastgrad wrap" else base
+        ref = (best.get("none + clip_grad_norm_", float("nan")) if n == "fastgrad wrap" else
+               best.get("accum: none + clip_grad_norm_", float("nan")) if n.startswith("accum:") else base)
         over = best[n] - ref
         row = {"device": device, "variant": n, "ms/step": best[n] * 1e3,
-               "overhead %": 100 * over / ref if n != "none" else 0.0}
+               "overhead %": 100 * over / ref if n not in ("none", "accum: none + clip_grad_norm_") else 0.0}
         if n == "fastgrad wrap":
             row["variant"] = "fastgrad wrap (vs clip_grad_norm_)"
         if n in direct:
@@ -224,6 +303,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="steps per round (default: 20 CPU, 100 CUDA)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--only", default=None, help="comma-separated variant names (default: all), e.g. "
+                    "'accum: none + clip_grad_norm_,accum: health/10 fastgrad,accum: health/10 per-param loop'")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,7 +313,8 @@ def main() -> int:
     rows = []
     for dev in devices:
         steps = args.steps or (20 if dev == "cpu" else 100)
-        rows += bench(dev, steps, args.rounds, args.threads)
+        only = None if args.only is None else [x.strip() for x in args.only.split(",")]
+        rows += bench(dev, steps, args.rounds, args.threads, only)
     print(f"\nSmall transformer (4 x d256 encoder layers, 2048-token vocab, batch 8 x 127, AdamW), torch "
           f"{torch.__version__}, {torch.get_num_threads()} CPU threads; best of {args.rounds} rounds\n")
     print(table(rows, ["device", "variant", "ms/step", "overhead %", "monitor ms (direct)", "direct %",
@@ -241,7 +323,10 @@ def main() -> int:
           "clip_grad_norm_), noise about +-2% on a shared CPU. direct: the monitor's own work timed alone "
           "(GradMonitor.step + flush + JSONL, per step); 'x lower' = wandb.watch's end-to-end overhead / "
           "fastgrad's direct cost.")
-    print("\nTargets: fastgrad overhead < 3% of the step on CPU, < 1% on GPU, and >= 10x below wandb.watch's.")
+    print("accum rows: 2 micro-batches of 4, clip 1.0; overhead over 'accum: none + clip_grad_norm_'. "
+          "health/10: gradients, weights, updates and the noise scale every 10th step.")
+    print("\nTargets: fastgrad overhead < 3% of the step on CPU, < 1% on GPU, and >= 10x below wandb.watch's; "
+          "health/10 < 3% on CPU, < 1% on GPU.")
     return 0
 
 
