@@ -73,9 +73,9 @@ def collect(obj, names: Sequence[str] | None = None, with_params: bool = False) 
               for t in items]
         if any(g is None for g in gs):
             keep = [i for i, g in enumerate(gs) if g is not None]
-            _warn_if_empty(len(items), len(keep))
+            _warn_if_empty(len(items), len(keep), 4)
             return Collected([names[i] for i in keep], [gs[i] for i in keep])
-        _warn_if_empty(len(items), len(gs))
+        _warn_if_empty(len(items), len(gs), 4)
         return Collected(list(names), gs)
     out_names: list[str] = []
     grads: list[torch.Tensor] = []
@@ -88,7 +88,7 @@ def collect(obj, names: Sequence[str] | None = None, with_params: bool = False) 
         if g is not None:
             out_names.append(name)
             grads.append(g)
-    _warn_if_empty(len(items), len(grads))
+    _warn_if_empty(len(items), len(grads), 4)
     return Collected(out_names, grads)
 
 
@@ -110,17 +110,18 @@ def _collect_with_params(items: list, names: Sequence[str]) -> Collected:
             out_names.append(name)
             grads.append(item.grad)
             params.append(item.detach())
-    _warn_if_empty(len(items), len(grads))
+    _warn_if_empty(len(items), len(grads), 5)
     return Collected(out_names, grads, params)
 
 
-def _warn_if_empty(given: int, kept: int) -> None:
-    """Never return an empty result silently (torch warns for an empty ``parameters`` too)."""
+def _warn_if_empty(given: int, kept: int, stacklevel: int) -> None:
+    """Never return an empty result silently (torch warns for an empty ``parameters`` too).
+    ``stacklevel``: frames up to the user's call of the public function (via ``collect``)."""
     if kept:
         return
     what = ("no tensors were given" if not given else
             f"all {given} parameters given have .grad None (call backward() first?)")
-    warnings.warn(f"fastgrad: no gradients to read: {what}; the statistics are empty", stacklevel=3)
+    warnings.warn(f"fastgrad: no gradients to read: {what}; the statistics are empty", stacklevel=stacklevel)
 
 
 def check_grads(names: Sequence[str], grads: Sequence[torch.Tensor]) -> None:
@@ -158,11 +159,3 @@ def check_writable(tensors: Sequence[torch.Tensor], names: Sequence[str] | None 
                 "of the written-to tensor refers to a single memory location, so it cannot be scaled "
                 "or clamped in place. Please clone() the gradient (p.grad = p.grad.clone()) first."
             )
-
-
-def promoted_dtype(grads: Iterable[torch.Tensor]) -> torch.dtype:
-    """The dtype torch's ``get_total_norm`` returns: the promotion of all gradient dtypes."""
-    dtype = None
-    for g in grads:
-        dtype = g.dtype if dtype is None else torch.promote_types(dtype, g.dtype)
-    return dtype or torch.get_default_dtype()

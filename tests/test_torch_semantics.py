@@ -79,9 +79,12 @@ def test_gradients_made_with_create_graph_are_read_as_gradients():
 
 def test_an_empty_result_is_never_silent():
     p = torch.nn.Parameter(torch.ones(3))  # .grad is None
-    with pytest.warns(UserWarning, match="no gradients to read"):
-        st = fastgrad.grad_stats([p])
-    assert st.names == () and st.total_norm.item() == 0.0
+    for call in (lambda: fastgrad.grad_stats([p]), lambda: fastgrad.grad_stats([("w", p)]),
+                 lambda: fastgrad.grad_stats([p], params=True), lambda: fastgrad.grad_stats([])):
+        with pytest.warns(UserWarning, match="no gradients to read") as rec:
+            st = call()
+        assert rec[0].filename == __file__  # points at the caller's line
+        assert st.names == () and st.total_norm.item() == 0.0
 
 
 # -- norm_type 0 and negative: accepted with torch's values -----------------------------------------
