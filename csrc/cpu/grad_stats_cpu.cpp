@@ -190,6 +190,24 @@ inline V sel(M mask, V a, V b) {
   return (V)(((M)a & mask) | ((M)b & ~mask));
 #endif
 }
+// v + 1 in the lanes where mask is set (a true comparison is -1: subtracted).
+template <typename M, typename V>
+inline V add1_where(M mask, V v) {
+#if defined(__AVX512F__) || defined(__clang__)
+  return mask ? v + 1 : v;
+#else
+  return v - (V)mask;
+#endif
+}
+// v + bit in the lanes where mask is set.
+template <typename M, typename V>
+inline V add_where(M mask, V v, V bit) {
+#if defined(__AVX512F__) || defined(__clang__)
+  return mask ? v + bit : v;
+#else
+  return v + (bit & (V)mask);
+#endif
+}
 
 // The float bits of 16 consecutive values.
 inline u32x16 load_bits(const float* p) {
@@ -476,14 +494,14 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
         s2b += hi * hi;
       }
       mx = sel(a > mx, a, mx);  // NaN compares false: max over non-NaN values
-      c_zero = sel(au == 0u, c_zero + 1, c_zero);
+      c_zero = add1_where(au == 0u, c_zero);
       if constexpr (kHist) {
         // Exponent e = au >> 23 goes to field e % 8 (bits 4 (e % 8) and up) of
         // counter e / 8 - base / 8, which is none of them outside the window
         // (also for zeros, subnormals, NaN and Inf, see Window).
         const u32x16 bit = field_bit(au);
         const u32x16 e8 = au >> 26;
-        for (int c = 0; c < kNibbleCounters; ++c) nib[c] = sel(e8 == first + c, nib[c] + bit, nib[c]);
+        for (int c = 0; c < kNibbleCounters; ++c) nib[c] = add_where(e8 == first + c, nib[c], bit);
       }
     }
     if constexpr (kFloatSquares) add_double(s2a, s2b, sq);
@@ -575,7 +593,7 @@ inline void block_pass_bf16(const BF16* __restrict x, int64_t n, BlockAcc& acc, 
       std::memcpy(&h, x + i, sizeof(h));
       const u16x32 a = h & 0x7fff;
       mx = sel(a > mx, a, mx);
-      c_zero = sel(a == 0, c_zero + 1, c_zero);
+      c_zero = add1_where(a == 0, c_zero);
       const u16x32 z = {};
       const u16x32 lo = __builtin_shufflevector(z, a, 0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43,
                                                 16, 48, 17, 49, 18, 50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59);
@@ -590,7 +608,7 @@ inline void block_pass_bf16(const BF16* __restrict x, int64_t n, BlockAcc& acc, 
         const u16x32 bit = field_bit16(a);
         const u16x32 e4 = a >> 9;  // NaN/Inf: 63, beyond every counter; zeros: 0, below
         for (int c = 0; c < kNibbleCounters16; ++c)
-          nib[c] = sel(e4 == uint16_t(first + c), nib[c] + bit, nib[c]);
+          nib[c] = add_where(e4 == uint16_t(first + c), nib[c], bit);
       }
     }
     add_double(sq_lo);
