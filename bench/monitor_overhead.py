@@ -296,6 +296,84 @@ def bench(device: str, steps: int, rounds: int, threads: int | None, only=None) 
     return rows
 
 
+def health_direct(device: str, reps: int) -> list[dict]:
+    """The health/10 rows' own work, timed alone on real gradients (end-to-end differences are
+    below the noise of a shared CPU): per monitored step, the extra time of (a) fastgrad
+    (``wrap(max_norm, monitor=GradMonitor(weights=True, noise_scale), track_updates=True)`` step
+    + the two NoiseScale passes + an amortised flush) and (b) the per-parameter loop, each over
+    ``clip_grad_norm_ + opt.step()``; divided by 10 (every 10th step) and by the accumulation step."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    model = SmallTransformer().to(device)
+    params = list(model.parameters())
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, 2048, (2, 4, 128), generator=g).to(device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def accum():
+        opt.zero_grad(set_to_none=True)
+        for j in range(2):
+            out = model(ids[j][:, :-1])
+            (loss_fn(out.reshape(-1, out.shape[-1]), ids[j][:, 1:].reshape(-1)) / 2).backward()
+
+    def best(fn, n=reps):
+        ts = []
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    def plain():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    t_step = best(lambda: (accum(), plain()))
+    accum()
+    t_plain = best(plain)
+    with tempfile.TemporaryDirectory() as tmp:
+        ns = fastgrad.NoiseScale()
+        mon = fastgrad.GradMonitor(model, every=1, log_every=2, weights=True, noise_scale=ns, run_dir=tmp,
+                                   histogram_every=0)
+        wopt = fastgrad.wrap(opt, max_norm=1.0, model=model, monitor=mon, track_updates=True)
+
+        def fg():
+            ns.first_micro_batch(model)  # (on .grad as it is: the cost is one fused norm pass)
+            ns.accumulated(model, micro_batch_size=4, micro_batches=2)
+            wopt.step()
+
+        fg()
+        t_fg = best(fg)
+        t_flush = best(lambda: (fg(), fg(), mon.flush())) - 2 * t_fg  # one flush per 2 monitored steps
+        mon.close()
+        opt = wopt.optimizer
+    ema = {"g2": 0.0, "tr": 0.0}
+
+    def loop():
+        first = sum(torch.linalg.vector_norm(p.grad).item() ** 2 for p in params)
+        big = sum(torch.linalg.vector_norm(p.grad).item() ** 2 for p in params)
+        ema["g2"] = 0.99 * ema["g2"] + 0.01 * (8 * big - 4 * first) / 4
+        ema["tr"] = 0.99 * ema["tr"] + 0.01 * (first - big) / (1 / 4 - 1 / 8)
+        gn = [torch.linalg.vector_norm(p.grad).item() for p in params]
+        wn = [torch.linalg.vector_norm(p).item() for p in params]
+        before = [p.detach().clone() for p in params]
+        plain()
+        un = [torch.linalg.vector_norm(p.detach() - b).item() for p, b in zip(params, before)]
+        return gn, wn, un, [u / w if w else 0.0 for u, w in zip(un, wn)]
+
+    t_loop = best(loop)
+    fg_extra = max(t_fg - t_plain, 0.0) + max(t_flush, 0.0) / 2
+    loop_extra = max(t_loop - t_plain, 0.0)
+    rows = [{"device": device, "variant": "accum step (2 x 4, clip, AdamW)", "ms/step": t_step * 1e3}]
+    for name, extra in (("health/10 fastgrad (direct)", fg_extra), ("health/10 per-param loop (direct)", loop_extra)):
+        rows.append({"device": device, "variant": name, "ms/step": extra * 1e3,
+                     "overhead %": 100 * extra / 10 / t_step})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
@@ -305,11 +383,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all), e.g. "
                     "'accum: none + clip_grad_norm_,accum: health/10 fastgrad,accum: health/10 per-param loop'")
+    ap.add_argument("--health-direct", action="store_true",
+                    help="only the health/10 direct timing (monitored-step extra work / 10 over the step)")
+    ap.add_argument("--reps", type=int, default=7, help="repetitions for --health-direct (best of)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    if args.health_direct:
+        rows = [r for dev in devices for r in health_direct(dev, args.reps)]
+        print(table(rows, ["device", "variant", "ms/step", "overhead %"]))
+        print("\nms/step of the direct rows: the extra work of one monitored step (gradients, weights, updates, "
+              "noise scale, amortised flush) over clip_grad_norm_ + opt.step(); overhead %: that / 10 "
+              "(every 10th step) / the accumulation step. Target < 3% on CPU.")
+        return 0
     rows = []
     for dev in devices:
         steps = args.steps or (20 if dev == "cpu" else 100)
