@@ -393,3 +393,22 @@ def test_tensorboard_writes_health_scalars(tmp_path):
     assert {"health/total_weight_norm", "health/total_update_ratio", "update_ratio/0", "weight_norm/2"} <= tags
     got = [e.value for e in acc.Scalars("update_ratio/0")]
     np.testing.assert_allclose(got, [r.update_ratio[0] for r in mon.records], rtol=1e-6)
+
+
+def test_pickled_and_copied_wrapper_keeps_tracking_on_its_own_optimizer():
+    import copy
+    import pickle
+
+    m = model64()
+    o = fastgrad.wrap(torch.optim.AdamW(m.parameters(), lr=0.05), model=m, track_updates=True)
+    backward(m)
+    o.step()
+    for c in (copy.deepcopy(o), pickle.loads(pickle.dumps(o))):
+        assert c._guard.tracker is not None and c._guard.tracker.optimizer is c.optimizer
+        backward(c._guard.options.model)  # the copy's own model (its parameters are the copy's)
+        before = [p.detach().clone() for p in c.optimizer.param_groups[0]["params"]]
+        c.step()
+        after = c.optimizer.param_groups[0]["params"]
+        ref = torch.stack([(p.detach() - b).norm() for p, b in zip(after, before)])
+        assert (ref > 0).all()
+        torch.testing.assert_close(c.last_stats.update_norms, ref, rtol=1e-6, atol=0)

@@ -178,6 +178,22 @@ class Guard:
         self._monitored = True  # whether the monitor's latest request asked for this step
         self._record_takes_updates: bool | None = None
 
+    # -- copies ---------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # the tracker holds closed-form functions that pickle cannot name, and its hook lives on
+        # the optimizer (whose hooks torch does not pickle): rebuild it on the copy's optimizer
+        state = self.__dict__.copy()
+        tracker = state.pop("tracker", None)
+        state["_tracker_optimizer"] = None if tracker is None else tracker.optimizer
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        opt = state.pop("_tracker_optimizer", None)
+        self.__dict__.update(state)
+        self.tracker = None
+        if opt is not None:
+            self.install_tracker(opt)
+
     # -- update norms (track_updates=True) ---------------------------------------------------
     def install_tracker(self, optimizer: torch.optim.Optimizer) -> None:
         """Build the :class:`fastgrad.UpdateTracker` of ``optimizer`` (the inner one). Called by
