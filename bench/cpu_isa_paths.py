@@ -56,12 +56,13 @@ def stats_call(mod, grads):
     numel = torch.empty(T + 1, dtype=torch.int64)
     h = SPEC.histogram
     threads = torch.get_num_threads()
-    args = (grads, torch.Tensor, DTYPES_BY_CODE, torch.strided, list(SPEC.finite_norms), True, h.min_exp,
-            h.max_exp, floats.data_ptr(), counts.data_ptr(), numel.data_ptr(), threads)
+    args = (grads, torch.Tensor, DTYPES_BY_CODE, torch.strided, list(SPEC.finite_norms), h is not None,
+            h.min_exp if h else 0, h.max_exp if h else 1, floats.data_ptr(), counts.data_ptr(), numel.data_ptr(),
+            threads)
 
     def run():
         assert mod.grad_stats_list(*args)
-        return floats, counts
+        return floats, counts, numel  # numel too: the call writes through its pointer, it must stay alive
 
     return run
 
