@@ -173,8 +173,15 @@ def test_env_forces_each_path():
 def test_env_refusal_is_a_clear_error():
     r = _run_env("avx9")
     assert r.returncode != 0
-    assert "RuntimeError: fastgrad C++ CPU kernels: FASTGRAD_CPU_ISA=avx9: no CPU path 'avx9' in this build" in r.stderr
+    # backend='cpu' asked explicitly: the dispatcher refuses it with the kernels' reason
+    assert "RuntimeError: fastgrad backend 'cpu' cannot handle" in r.stderr
+    assert "FASTGRAD_CPU_ISA=avx9: no CPU path 'avx9' in this build" in r.stderr
     assert "unset FASTGRAD_CPU_ISA" in r.stderr
+    # automatic choice: the C++ backend reports itself unavailable, with the reason
+    code = "import fastgrad; print(fastgrad.available_backends()['cpu'])"
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTGRAD_CPU_ISA": "avx9"},
+                       capture_output=True, text=True, timeout=120)
+    assert "no CPU path 'avx9'" in r.stdout, r.stdout + r.stderr
 
 
 # Instructions of x86-64-v3 and up: VEX/EVEX-encoded ones (mnemonics starting with v) and BMI/LZCNT/MOVBE.

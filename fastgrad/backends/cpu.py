@@ -56,6 +56,10 @@ class CpuBackend:
             return "it runs on CPU tensors only"
         if _C is None:
             return LOAD_ERROR
+        from .. import cpu_isa
+
+        if cpu_isa.current() is None:  # a refused FASTGRAD_CPU_ISA: every kernel call would raise
+            return f"no CPU code path runs: {cpu_isa.error() or 'unknown reason'}"
         if dtype not in DTYPE_CODES:
             return f"dtype {dtype} is not supported"
         return None
