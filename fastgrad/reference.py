@@ -12,8 +12,9 @@ For one gradient tensor ``x`` (any floating dtype, upcast exactly to float64):
 * the power-of-two magnitude histogram of :class:`fastgrad.spec.HistogramSpec`,
   with ``floor(log2 |x|)`` read exactly from :func:`torch.frexp`.
 
-It runs on the tensors' own device with no host synchronisation, one
-tensor at a time: slow, simple, and the fallback backend.
+It runs on the tensors' own device, one tensor at a time: slow, simple, and the
+fallback backend. On a GPU it synchronises with the host (boolean-mask indexing and
+``bincount`` need their sizes): the fast backends are the sync-free ones.
 """
 
 from __future__ import annotations
