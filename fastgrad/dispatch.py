@@ -230,6 +230,22 @@ def _stats_routed(tensors: list[torch.Tensor], spec: StatsSpec, routes) -> Stats
     return StatsResult(raw, numel, aggregate.aggregate(raw, spec, aggregate.TOTAL))
 
 
+def _general_in_place(tensors: Sequence[torch.Tensor], backend: str | None, try_fast):
+    """``(tensors, requested)`` for the general form of an in-place op, or None when there is
+    nothing to do or the chosen backend's fast form (``try_fast(backend, tensors)``) took the list.
+    Checks before anything is written (self-overlapping tensors raise)."""
+    if not tensors:
+        return None
+    if type(tensors) is not list:
+        tensors = list(tensors)
+    req = requested_backend(backend)
+    b = _fast_backend(tensors[0], req)
+    if b is not None and try_fast(b, tensors):
+        return None
+    check_writable(tensors)
+    return _writable(tensors), req
+
+
 def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | None = None) -> None:
     """``x *= coef`` in place for every tensor; ``coef`` is a 0-d float tensor (never read on the host)
     or a Python float.
@@ -237,16 +253,10 @@ def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, backend: str | N
     Raises ``RuntimeError`` before writing anything if a tensor's elements share
     memory (an ``expand``-ed gradient), as torch's in-place ops do.
     """
-    if not tensors:
+    todo = _general_in_place(tensors, backend, lambda b, ts: b.scale_plain_(ts, coef))
+    if todo is None:
         return
-    if type(tensors) is not list:
-        tensors = list(tensors)
-    req = requested_backend(backend)
-    b = _fast_backend(tensors[0], req)
-    if b is not None and b.scale_plain_(tensors, coef):
-        return
-    check_writable(tensors)
-    tensors = _writable(tensors)
+    tensors, req = todo
     if isinstance(coef, float):
         coef = torch.tensor(coef, dtype=torch.float64)
     for (device, b), idx in _route(tensors, req).items():
@@ -258,15 +268,9 @@ def clamp_(tensors: Sequence[torch.Tensor], clip_value: float, backend: str | No
 
     Raises like :func:`scale_` for tensors whose elements share memory.
     """
-    if not tensors:
+    todo = _general_in_place(tensors, backend, lambda b, ts: b.clamp_plain_(ts, clip_value))
+    if todo is None:
         return
-    if type(tensors) is not list:
-        tensors = list(tensors)
-    req = requested_backend(backend)
-    b = _fast_backend(tensors[0], req)
-    if b is not None and b.clamp_plain_(tensors, clip_value):
-        return
-    check_writable(tensors)
-    tensors = _writable(tensors)
+    tensors, req = todo
     for (_, b), idx in _route(tensors, req).items():
         b.clamp_(_pick(tensors, idx), clip_value)
