@@ -201,12 +201,13 @@ def get_total_norm(
     ``norm_type`` may be any number torch accepts (``p <= 0`` with torch's values, via torch ops).
     """
     p = parse_clip_norm_type(norm_type)
-    with torch.no_grad():
-        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-        if not tensors:
-            return torch.tensor(0.0)
-        names = _PositionNames(range(len(tensors)))
-        return _total_norm(names, tensors, p, error_if_nonfinite, backend, process_group, placements)[1]
+    # No no_grad() context (a microsecond at one small tensor): nothing here records autograd
+    # history — the kernels read raw memory, and the torch-op paths work on detached values.
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    if not tensors:
+        return torch.tensor(0.0)
+    names = _PositionNames(range(len(tensors)))
+    return _total_norm(names, tensors, p, error_if_nonfinite, backend, process_group, placements)[1]
 
 
 def clip_grads_with_norm_(

@@ -192,3 +192,13 @@ def test_returned_norm_is_the_float64_norm_rounded_once_to_the_dtype(dtype):
     want = torch.tensor(vals, dtype=torch.float64).to(dtype)
     assert got.dtype == dtype
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("p", [2.0, math.inf, 3.0, 0, -1])
+def test_get_total_norm_of_gradients_with_a_graph_records_no_history(backend, p):
+    """get_total_norm runs without a no_grad() context (host cost): nothing it returns may carry
+    autograd history, whichever path computed it."""
+    g = [torch.randn(5, requires_grad=True) * 2, torch.randn(3).to(torch.bfloat16).requires_grad_()]
+    r = fastgrad.get_total_norm(g, p, backend=backend)
+    assert not r.requires_grad and r.grad_fn is None
