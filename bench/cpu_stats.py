@@ -8,6 +8,8 @@ For each parameter set and dtype it times
   * (a) torch._foreach_norm alone (what clip_grad_norm_ reads),
   * (b) the torch composite computing the same numbers: foreach norms,
     per-tensor abs-max, non-finite and zero counts, torch.histc of log2|x|,
+  * fastgrad.grad_stats(params=True) without histograms: weights read in the same call
+    (its GB/s and % count gradient + weight bytes: the target is one more read, no more),
 and prints ms, GB/s (gradient bytes read once), % of the bandwidth of x.sum()
 over a flat tensor of the same dtype and bytes (timed round-robin with the
 rows, so that load from other processes hits all alike), and the speed-up
@@ -62,19 +64,25 @@ def main(argv=None) -> None:
             flat = torch.randn(sum(g.numel() for g in grads)).to(dtype)
             gb = nbytes(grads) / 1e9
             slow = sum(g.numel() for g in grads) > 10_000_000
+            params = [torch.nn.Parameter(torch.randn_like(g)) for g in grads]
+            for p_, g in zip(params, grads):
+                p_.grad = g
             t = timeit_interleaved({
                 "fastgrad full stats": lambda: fastgrad.grad_stats(grads, backend="cpu").total_norm,
                 "fastgrad, no histogram": lambda: fastgrad.grad_stats(grads, backend="cpu", histogram=False)
                 .total_norm,
+                "fastgrad, no histogram, + weights": lambda: fastgrad.grad_stats(
+                    params, backend="cpu", histogram=False, params=True).total_norm,
                 "(a) torch _foreach_norm": lambda: torch._foreach_norm(grads, 2.0),
                 "x.sum()": lambda: flat.sum(),
             }, reps=reps)
             t["(b) torch composite"] = timeit(lambda: torch_composite(grads), reps=2 if slow else 5, warmup=1)
             t_sum, t_fe, t_comp = t.pop("x.sum()"), t["(a) torch _foreach_norm"], t["(b) torch composite"]
             for impl, ti in t.items():
+                k = 2 if impl.endswith("+ weights") else 1  # gradient + weight bytes
                 rows.append({
-                    "set": set_name, "dtype": dt_name, "impl": impl, "ms": ti * 1e3, "GB/s": gb / ti,
-                    "x.sum() GB/s": gb / t_sum, "% of x.sum() BW": 100 * t_sum / ti,
+                    "set": set_name, "dtype": dt_name, "impl": impl, "ms": ti * 1e3, "GB/s": k * gb / ti,
+                    "x.sum() GB/s": gb / t_sum, "% of x.sum() BW": 100 * k * t_sum / ti,
                     "vs (a)": t_fe / ti, "vs (b)": t_comp / ti,
                 })
     print(table(rows, ["set", "dtype", "impl", "ms", "GB/s", "x.sum() GB/s", "% of x.sum() BW", "vs (a)",
