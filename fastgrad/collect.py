@@ -67,7 +67,7 @@ def collect(obj, names: Sequence[str] | None = None, with_params: bool = False) 
     if names is None:
         names = index_names(len(items))
     if with_params:
-        return _collect_with_params(items, names)
+        return _collect_items(items, names, with_params=True)
     if {type(t) for t in items} <= _PLAIN:  # fast path: tensors and parameters, no pairs
         gs = [t.grad if type(t) is not torch.Tensor or (t.requires_grad and t.is_leaf) else t
               for t in items]
@@ -77,22 +77,11 @@ def collect(obj, names: Sequence[str] | None = None, with_params: bool = False) 
             return Collected([names[i] for i in keep], [gs[i] for i in keep])
         _warn_if_empty(len(items), len(gs), 4)
         return Collected(list(names), gs)
-    out_names: list[str] = []
-    grads: list[torch.Tensor] = []
-    for name, item in zip(names, items):
-        if type(item) is tuple and len(item) == 2 and isinstance(item[0], str):
-            name, item = item
-        if not isinstance(item, torch.Tensor):
-            raise TypeError(f"{name}: expected a Tensor, got {type(item).__name__}")
-        g = item.grad if _is_param(item) else item
-        if g is not None:
-            out_names.append(name)
-            grads.append(g)
-    _warn_if_empty(len(items), len(grads), 4)
-    return Collected(out_names, grads)
+    return _collect_items(items, names, with_params=False)
 
 
-def _collect_with_params(items: list, names: Sequence[str]) -> Collected:
+def _collect_items(items: list, names: Sequence[str], with_params: bool) -> Collected:
+    """The general form of :func:`collect`: ``(name, tensor)`` pairs and mixed items, one by one."""
     out_names: list[str] = []
     grads: list[torch.Tensor] = []
     params: list[torch.Tensor] = []
@@ -101,17 +90,20 @@ def _collect_with_params(items: list, names: Sequence[str]) -> Collected:
             name, item = item
         if not isinstance(item, torch.Tensor):
             raise TypeError(f"{name}: expected a Tensor, got {type(item).__name__}")
-        if not _is_param(item):
+        is_param = _is_param(item)
+        if with_params and not is_param:
             raise ValueError(
                 f"{name}: params=True reads each gradient's parameter, but this is a gradient tensor "
                 "(not a Parameter or a leaf that requires grad); pass the module or its parameters"
             )
-        if item.grad is not None:
+        g = item.grad if is_param else item
+        if g is not None:
             out_names.append(name)
-            grads.append(item.grad)
-            params.append(item.detach())
+            grads.append(g)
+            if with_params:
+                params.append(item.detach())
     _warn_if_empty(len(items), len(grads), 5)
-    return Collected(out_names, grads, params)
+    return Collected(out_names, grads, params if with_params else None)
 
 
 def _warn_if_empty(given: int, kept: int, stacklevel: int) -> None:

@@ -198,3 +198,20 @@ def assert_raw_close(got: RawStats, want: RawStats, rel: float = REL_TOL, what: 
 
 has_cuda = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not has_cuda, reason="needs a CUDA device")
+
+
+def spawn_ranks(entry, args: tuple, world: int, timeout: float, what: str) -> None:
+    """Run ``entry(rank, *args)`` in ``world`` spawned processes; kill them all and fail the test
+    if the run has not finished within ``timeout`` seconds (a hung collective must not hang CI)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(entry, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{world}-rank run {what} did not finish in {timeout}s")

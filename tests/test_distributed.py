@@ -12,13 +12,11 @@ import contextlib
 import datetime
 import math
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import assert_raw_close, make_tensor
+from conftest import assert_raw_close, make_tensor, spawn_ranks
 
 import fastgrad
 from fastgrad import distributed as fgdist
@@ -48,15 +46,7 @@ def _entry(rank: int, world: int, store: str, scenarios: list[str]) -> None:
 
 def _spawn(world: int, tmp_path, scenarios: list[str]) -> None:
     store = os.path.join(str(tmp_path), "store")
-    ctx = mp.start_processes(_entry, args=(world, store, scenarios), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{world}-rank run {scenarios} did not finish in {JOIN_TIMEOUT}s")
+    spawn_ranks(_entry, (world, store, scenarios), world, JOIN_TIMEOUT, str(scenarios))
 
 
 @contextlib.contextmanager

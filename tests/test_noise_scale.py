@@ -17,12 +17,11 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 
 from fastgrad.noise_scale import NoiseScale, register_ddp_hook, register_fsdp_hook, two_batch_estimates
 
@@ -260,15 +259,7 @@ def _run_kind(rank: int, world: int, steps: int, b: int, kind: str) -> None:
 
 def _spawn(world: int, tmp_path, steps: int, b: int, kinds: list[str]) -> None:
     store = os.path.join(str(tmp_path), "store")
-    ctx = mp.start_processes(_entry, args=(world, store, steps, b, kinds), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{world}-rank noise-scale run {kinds} did not finish in {JOIN_TIMEOUT}s")
+    spawn_ranks(_entry, (world, store, steps, b, kinds), world, JOIN_TIMEOUT, f"noise-scale {kinds}")
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -15,13 +15,11 @@ import contextlib
 import datetime
 import math
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import make_tensor
+from conftest import make_tensor, spawn_ranks
 from test_distributed import assert_stats_equal
 
 import fastgrad
@@ -557,15 +555,7 @@ def _entry(rank: int, world: int, store: str, scenarios: list[str]) -> None:
 
 def _spawn(tmp_path, scenarios: list[str], world: int = 4) -> None:
     store = os.path.join(str(tmp_path), "store")
-    ctx = mp.start_processes(_entry, args=(world, store, scenarios), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{world}-rank run {scenarios} did not finish in {JOIN_TIMEOUT}s")
+    spawn_ranks(_entry, (world, store, scenarios), world, JOIN_TIMEOUT, str(scenarios))
 
 
 def test_expert_hybrid_and_mixed_layouts(tmp_path):
