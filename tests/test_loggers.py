@@ -136,6 +136,119 @@ def test_csv_long_format(tmp_path):
     assert [x["kind"] for x in f] == ["nonfinite"] and f[0]["layers"] == "2" and f[0]["step"] == "4"
 
 
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_csv_health_columns_match_the_records(tmp_path):
+    """Schema 1.1 columns: weight norm, grad/weight ratio, update norm and ratio per layer and on
+    the <global> row; the noise scale on the <global> row of each flush's last step; empty where
+    not measured (the odd steps are not monitored, so never a value there)."""
+    import fastgrad
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    ns = fastgrad.NoiseScale(beta=0.5)
+    mon = GradMonitor(model, loggers=[CsvLogger(tmp_path)], weights=True, noise_scale=ns, log_every=2,
+                      histogram_every=0)
+    opt = fastgrad.wrap(torch.optim.AdamW(model.parameters(), lr=0.02), monitor=mon, track_updates=True)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    weights = []  # per step: {layer: ||w_before||} from the weights themselves
+    for i in range(4):
+        model.zero_grad(set_to_none=True)
+        model(x).pow(2).sum().backward()
+        ns.update(torch.tensor(3.0 + i, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64), 1, 4)
+        weights.append({k: float(torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters()
+                                            if n.startswith(k + ".")]).norm()) for k in ("0", "2")})
+        opt.step()
+    mon.close()
+    rows = read_csv(tmp_path / "gradients.csv")
+    assert list(rows[0]) == ["step", "layer", "numel", "norm", "max_abs", "nan", "posinf", "neginf", "zero",
+                             "clip_coef", "skipped", "param_norm", "grad_param_ratio", "update_norm",
+                             "update_ratio", "noise_scale"]
+    by = {(int(r["step"]), r["layer"]): r for r in rows}
+    assert len(rows) == 4 * 3 and len(mon.records) == 4
+    for rec in mon.records:
+        g = by[(rec.step, "<global>")]
+        assert float(g["param_norm"]) == rec.total_param_norm
+        assert float(g["grad_param_ratio"]) == pytest.approx(rec.total_norm / rec.total_param_norm, rel=1e-15)
+        assert float(g["update_norm"]) == rec.total_update_norm > 0
+        assert float(g["update_ratio"]) == rec.total_update_ratio > 0
+        # the noise scale: read at the flush, on the flush's last record only (steps 1 and 3)
+        assert (g["noise_scale"] != "") == (rec.step % 2 == 1)
+        if rec.noise_scale is not None:
+            assert float(g["noise_scale"]) == rec.noise_scale
+        for i, name in enumerate(rec.layers):
+            r = by[(rec.step, name)]
+            assert float(r["param_norm"]) == rec.param_norm[i]
+            assert float(r["param_norm"]) == pytest.approx(weights[rec.step][name], rel=1e-12)
+            assert float(r["grad_param_ratio"]) == pytest.approx(float(r["norm"]) / weights[rec.step][name],
+                                                                 rel=1e-12)
+            assert float(r["update_norm"]) == rec.update_norm[i] > 0
+            assert float(r["update_ratio"]) == rec.update_ratio[i]
+            assert float(r["update_ratio"]) == pytest.approx(float(r["update_norm"]) / float(r["param_norm"]),
+                                                             rel=1e-12)
+            assert r["noise_scale"] == ""
+
+
+def test_csv_health_columns_empty_when_not_measured(tmp_path):
+    m = run_monitor([CsvLogger(tmp_path)], steps=2, nan_at=-1)
+    rows = read_csv(tmp_path / "gradients.csv")
+    assert len(rows) == 2 * 4 and len(m.records) == 2
+    for r in rows:
+        assert [r[c] for c in ("param_norm", "grad_param_ratio", "update_norm", "update_ratio", "noise_scale")] \
+            == [""] * 5
+
+
+def test_csv_grad_param_ratio_zero_weights_and_other_norms(tmp_path):
+    """A zero weight norm gives inf (IEEE, as GradStats.grad_param_ratio); with norm_type != 2
+    the norm column is not an L2 norm, so no ratio is written (the weight norm still is)."""
+    from fastgrad.loggers.csv import _ratio
+
+    assert _ratio(1.0, 0.0) == math.inf and math.isnan(_ratio(0.0, 0.0)) and _ratio(3.0, 2.0) == 1.5
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    torch.nn.init.zeros_(model[1].weight)
+    torch.nn.init.zeros_(model[1].bias)
+    for sub, norm_type in (("l2", 2.0), ("inf", math.inf)):
+        mon = GradMonitor(model, loggers=[CsvLogger(tmp_path / sub)], weights=True, norm_type=norm_type,
+                          histogram_every=0)
+        model.zero_grad()
+        model(torch.randn(5, 4)).sum().backward()
+        mon.step()
+        mon.close()
+        rows = {r["layer"]: r for r in read_csv(tmp_path / sub / "gradients.csv")}
+        assert float(rows["1"]["param_norm"]) == 0.0 and float(rows["0"]["param_norm"]) > 0
+        if norm_type == 2.0:
+            assert rows["1"]["grad_param_ratio"] == "inf"
+            assert float(rows["0"]["grad_param_ratio"]) == pytest.approx(
+                float(rows["0"]["norm"]) / float(rows["0"]["param_norm"]), rel=1e-15)
+        else:
+            assert rows["1"]["grad_param_ratio"] == "" and rows["0"]["grad_param_ratio"] == ""
+
+
+def test_csv_append_to_a_file_without_health_columns_keeps_its_header(tmp_path):
+    from fastgrad.loggers.csv import BASE_COLUMNS
+
+    old = tmp_path / "gradients.csv"
+    old.write_text(",".join(BASE_COLUMNS) + "\n0,<global>,1,1.0,1.0,0,0,0,0,,\n")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    mon = GradMonitor(model, loggers=[CsvLogger(tmp_path, append=True)], weights=True, histogram_every=0)
+    model(torch.randn(5, 4)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="without the training-health columns"):
+        mon.step()
+        mon.close()
+    with open(old, newline="") as fh:
+        lines = list(csv.reader(fh))
+    assert lines[0] == BASE_COLUMNS and len(lines) == 1 + 1 + 2
+    assert all(len(x) == len(BASE_COLUMNS) for x in lines)
+    # a fresh file (no append) gets the full header
+    mon = GradMonitor(model, loggers=[CsvLogger(tmp_path)], histogram_every=0)
+    mon.step()
+    mon.close()
+    assert len(read_csv(old)[0]) == len(BASE_COLUMNS) + 5
+
+
 def test_tensorboard_events_read_back(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import (
