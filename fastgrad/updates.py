@@ -27,11 +27,17 @@ Two paths, chosen per tensor in :meth:`UpdateTracker.before_step` (``UpdateStats
   - RMSprop: ``avg = sqrt(sq - centered * ga^2) + eps``; momentum: ``Δw = -lr * buf``, else
     ``Δw = -lr (±g + wd w) / (avg - lr wd)``.
 
-  Cost: reads the state (Adam: ``m``, ``v``, ``w``) and writes ``Δw`` and ``w_b`` for at most
-  ``max_batch_bytes`` of tensors at a time into a workspace reused from step to step (it stays
-  allocated: at most ``max_batch_bytes`` plus two copies of the largest tensor, never more than
-  two copies of the monitored weights), then one fused norm pass per batch. Nothing is held
-  between ``before_step`` and ``after_step``. A step that did not happen gives 0: the step
+  Cost: ``||w_before||`` is read before the step (:meth:`UpdateTracker.before_step`: one
+  read-only fused norm pass over the weights; exact, and cheaper than rebuilding ``w - Δw``
+  after). After the step, ``Δw = scale * x`` with the scalar factor kept out of the elements:
+  SGD/RMSprop momentum and plain SGD norm ``buf`` or ``.grad`` where they lie (one read, nothing
+  written); Adam writes ``x = m / (sqrt(v) + eps s)`` (AdamW: ``+ (wd bc1 / s) w``) in place in
+  one workspace tensor (reads ``m``, ``v``, ``w``: four elementwise passes), Adagrad and
+  RMSprop likewise with a second tensor when ``weight_decay != 0``; then one fused norm pass per
+  ``max_batch_bytes`` of workspace. The workspace is reused from step to step (at most
+  ``max_batch_bytes`` plus two copies of the largest tensor, never more than two copies of the
+  monitored weights). Nothing but the ``[T]`` weight norms is held between ``before_step`` and
+  ``after_step``. A step that did not happen gives 0: the step
   counter (Adam, Adagrad, RMSprop; it does not advance when a fused kernel skips on
   ``found_inf``), else whether ``step()`` ran, which tensors had a gradient at that moment and
   the ``found_inf`` it saw (SGD).
@@ -41,7 +47,8 @@ Two paths, chosen per tensor in :meth:`UpdateTracker.before_step` (``UpdateStats
   worst case, ~1e-7 for random rounding over many elements); exact for float64 weights.
 - ``"snapshot"``: a copy of the tensor before the step, the difference after (in float32 for
   bfloat16/float16 weights). Cost: one copy of the monitored weights held over the step (their
-  bytes in memory, one read + one write), then a read of both. Taken for every other optimizer
+  bytes in memory, one read + one write) and the norm pass of ``before_step``, then the
+  difference in place in the copy and its norm. Taken for every other optimizer
   (Adamax, NAdam, LBFGS, custom ones, ``differentiable=True``), for complex or low-precision
   weights (where the rounded realised update is what matters), for sparse gradients, and for
   gradient-based formulas under a fused kernel (a fused kernel may unscale ``.grad``).
@@ -111,32 +118,46 @@ def _host(x):
 
 
 # -- the closed forms ---------------------------------------------------------------------------
-# Each writes Δw into ``out`` (like ``w``) and may use ``tmp`` (like ``w``) as scratch; ``w`` is the
-# weight after the step. The optimizer's state and .grad are only read. Written for few passes
-# over memory into reused buffers (on the CPU a fresh large tensor costs a page fault per 4 KiB:
-# more than the arithmetic). ``_lin`` builds ``sum_i c_i * x_i``; device-tensor coefficients
-# (capturable steps, a tensor lr on an accelerator) take plain tensor arithmetic.
+# Each returns ``(x, scale)`` with ``Δw = scale * x`` (so ``||Δw|| = |scale| ||x||``), ``w`` the
+# weight after the step; ``take()`` hands out a workspace tensor like ``w``. The optimizer's state
+# and .grad are only read. Written for few passes over memory: the scalar factor of the update is
+# never multiplied into the elements (it scales the norm), a single scaled term is normed where it
+# lies (SGD/RMSprop momentum: ``-lr * buf`` reads ``buf`` once and writes nothing), and the rest
+# is built in place in one workspace tensor where it can be. ``scale`` is a Python float; device-
+# tensor coefficients (capturable steps, a tensor lr on an accelerator) take plain tensor
+# arithmetic into the workspace with ``scale = 1``.
 
 def _num(*xs) -> bool:
     return all(not isinstance(x, torch.Tensor) for x in xs)
 
 
-def _lin(terms, out):
-    """``out = sum(c * x for c, x in terms)`` (None terms skipped)."""
-    terms = [(c, x) for c, x in terms if x is not None]
+def _lin(terms, take):
+    """``(x, scale)`` with ``scale * x = sum(c * v for c, v in terms)`` (None terms skipped)."""
+    terms = [(c, v) for c, v in terms if v is not None]
     (c0, x0), rest = terms[0], terms[1:]
     if _num(*(c for c, _ in terms)):
-        torch.mul(x0, c0, out=out)
-        for c, x in rest:
-            out.add_(x, alpha=c)
-        return out
+        if not rest:
+            return x0, float(c0)  # nothing to materialise
+        out = torch.mul(x0, c0, out=take())
+        for c, v in rest:
+            out.add_(v, alpha=c)
+        return out, 1.0
     acc = x0 * c0
-    for c, x in rest:
-        acc = acc + x * c
-    return out.copy_(acc)
+    for c, v in rest:
+        acc = acc + v * c
+    return take().copy_(acc), 1.0
 
 
-def _adam(w, st, h, g, out, tmp):
+def _over(g, w, wd, sign, denom, take):
+    """``(g + sign wd w) / denom``, written into ``denom`` (a workspace tensor) when ``wd = 0``, else
+    into a second one; the callers' scale carries ``sign`` (``±g + wd w = sign (g + sign wd w)``)."""
+    if wd == 0:
+        return torch.div(g, denom, out=denom)
+    num = torch.add(g, w, alpha=sign * wd, out=take())
+    return num.div_(denom)
+
+
+def _adam(w, st, h, g, take):
     t = _host(st["step"])
     t = t.double() if isinstance(t, torch.Tensor) else t
     lr, eps, wd = _host(h["lr"]), h["eps"], _host(h["weight_decay"])
@@ -145,58 +166,67 @@ def _adam(w, st, h, g, out, tmp):
     v = st["max_exp_avg_sq"] if h.get("amsgrad", False) else st["exp_avg_sq"]
     m = st["exp_avg"]
     # m / (sqrt(v)/s + eps) = s * m / (sqrt(v) + eps s): the scale folded into the coefficient
-    denom = torch.sqrt(v, out=tmp)
     c = -lr * s / bc1
     decoupled = wd != 0 and h.get("decoupled_weight_decay", False)
     k = 1 / (1 - lr * wd) if decoupled else 1.0
-    if _num(c, s, k):
-        denom.add_(eps * s)
-        if decoupled:  # (u - lr wd w) / (1 - lr wd)
-            return torch.mul(w, -lr * wd * k, out=out).addcdiv_(m, denom, value=c * k)
-        return torch.div(m, denom, out=out).mul_(c)
-    u = m / (denom + eps * s) * c
-    return out.copy_((u - (lr * wd) * w) * k if decoupled else u)
+    if _num(c, s, k, lr, wd):
+        if c == 0:  # lr = 0: no update (AdamW's decay is lr * wd too)
+            return w.new_zeros(0), 0.0
+        q = torch.sqrt(v, out=take()).add_(eps * s)
+        torch.div(m, q, out=q)  # q = m / (sqrt(v) + eps s); Adam's step is u = c q
+        if decoupled:  # Δw = k (u - lr wd w) = c k (q - (lr wd / c) w)
+            q.add_(w, alpha=-lr * wd / c)
+        return q, c * k
+    u = m / (torch.sqrt(v) + eps * s) * c
+    return take().copy_((u - (lr * wd) * w) * k if decoupled else u), 1.0
 
 
 def _sign(h) -> float:
     return -1.0 if h.get("maximize", False) else 1.0
 
 
-def _sgd(w, st, h, g, out, tmp):
+def _sgd(w, st, h, g, take):
     lr, wd, mu = _host(h["lr"]), _host(h["weight_decay"]), h["momentum"]
     if mu != 0 and not h["nesterov"]:
-        return _lin([(-lr, st["momentum_buffer"])], out)
+        return _lin([(-lr, st["momentum_buffer"])], take)
     k = -lr / (1 - lr * wd)
     return _lin([(k * _sign(h), g), (k * wd, w if wd != 0 else None),
-                 (k * mu, st["momentum_buffer"] if mu != 0 else None)], out)
+                 (k * mu, st["momentum_buffer"] if mu != 0 else None)], take)
 
 
-def _adagrad(w, st, h, g, out, tmp):
+def _adagrad(w, st, h, g, take):
     lr, wd, eps, decay = _host(h["lr"]), h["weight_decay"], h["eps"], h["lr_decay"]
     clr = lr / (1 + (_host(st["step"]) - 1) * decay)
-    d = _lin([(-clr * _sign(h), g), (-clr * wd, w if wd != 0 else None)], out)
-    return d.div_(torch.sqrt(st["sum"], out=tmp).add_(eps - clr * wd))
+    if not _num(clr):
+        d = -clr * (_sign(h) * g + wd * w) / (torch.sqrt(st["sum"]) + (eps - clr * wd))
+        return take().copy_(d), 1.0
+    denom = torch.sqrt(st["sum"], out=take()).add_(eps - clr * wd)
+    return _over(g, w, wd, _sign(h), denom, take), -clr * _sign(h)
 
 
-def _rmsprop(w, st, h, g, out, tmp):
+def _rmsprop(w, st, h, g, take):
     lr, wd, eps, mu = _host(h["lr"]), h["weight_decay"], h["eps"], h["momentum"]
     if mu > 0:
-        return _lin([(-lr, st["momentum_buffer"])], out)
+        return _lin([(-lr, st["momentum_buffer"])], take)
     sq = st["square_avg"]
     if h["centered"]:
-        avg = torch.addcmul(sq, st["grad_avg"], st["grad_avg"], value=-1, out=tmp).sqrt_()
+        avg = torch.addcmul(sq, st["grad_avg"], st["grad_avg"], value=-1, out=take()).sqrt_()
     else:
-        avg = torch.sqrt(sq, out=tmp)
-    d = _lin([(-lr * _sign(h), g), (-lr * wd, w if wd != 0 else None)], out)
-    return d.div_(avg.add_(eps - lr * wd))
+        avg = torch.sqrt(sq, out=take())
+    if not _num(lr):
+        return avg.copy_(-lr * (_sign(h) * g + wd * w) / (avg + (eps - lr * wd))), 1.0
+    return _over(g, w, wd, _sign(h), avg.add_(eps - lr * wd), take), -lr * _sign(h)
 
 
 class _Workspace:
-    """Flat buffers per (dtype, device), handed out as views and reused from step to step."""
+    """Flat buffers per (dtype, device), handed out as views and reused from step to step (the
+    views too: a step hands out the same (offset, shape) sequence as the last, and making a view
+    costs a few microseconds per tensor)."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.used: dict[tuple, int] = {}
+        self.views: dict[tuple, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.used.clear()
@@ -204,16 +234,21 @@ class _Workspace:
     def take(self, like: torch.Tensor, need_total: int) -> torch.Tensor:
         key = (like.dtype, like.device)
         start = self.used.get(key, 0)
+        n = like.numel()
+        self.used[key] = start + n
         buf = self.buffers.get(key)
-        if buf is None or buf.numel() < max(start + like.numel(), need_total):
-            # grows only while a batch is being filled for the first time at this size
-            size = max(start + like.numel(), need_total)
-            new = torch.empty(size, dtype=like.dtype, device=like.device)
+        if buf is None or buf.numel() < max(start + n, need_total):
+            # grows only at the start of a batch (need_total: the largest batch of this step)
             if buf is not None and start:
                 raise RuntimeError("internal: workspace grown mid-batch")
-            buf = self.buffers[key] = new
-        self.used[key] = start + like.numel()
-        return buf[start:start + like.numel()].view(like.shape)
+            buf = self.buffers[key] = torch.empty(max(start + n, need_total), dtype=like.dtype,
+                                                  device=like.device)
+            self.views = {k: v for k, v in self.views.items() if k[0] != key}  # views of the old buffer
+        vkey = (key, start, like.shape)
+        view = self.views.get(vkey)
+        if view is None:
+            view = self.views[vkey] = buf[start:start + n].view(like.shape)
+        return view
 
 
 # (formula, needs the gradient?(group), keeps a step counter)
@@ -274,6 +309,7 @@ class UpdateTracker:
         self._armed: dict[str, Any] | None = None
         self._segments: dict[tuple, Any] = {}
         self._workspace = _Workspace()
+        self._given_index = None
         self._handles = [optimizer.register_step_pre_hook(self._pre_hook)]
 
     def remove(self) -> None:
@@ -299,9 +335,17 @@ class UpdateTracker:
 
     # -- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def before_step(self) -> None:
+    def before_step(self, param_norms: tuple[Sequence[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Arm the tracker for the next ``step()``: choose each tensor's path, snapshot those that
-        need it, and note the step counters (no sync)."""
+        need it, note the step counters and read ``||w_before||`` (one fused norm pass; no sync).
+
+        Args:
+            param_norms: ``(params, norms)``, the L2 norms of the current weights of ``params``
+                already computed for this step (float64 ``[len(params)]`` on their device, e.g.
+                ``grad_stats(params, params=True).params.tensor_norms``, read in the statistics
+                pass before the step). When ``params`` holds every tensor of the optimizer, the
+                tracker takes its ``||w_before||`` from them instead of reading the weights again.
+        """
         opt = self.optimizer
         params, names, labels, paths, kinds, snaps, counters = [], [], [], [], [], [], []
         for gi, group in enumerate(opt.param_groups):
@@ -326,9 +370,16 @@ class UpdateTracker:
             from .stats import group_labels
 
             labels = group_labels(names, self._groups_arg)
+        # ||w_before|| now, in one read-only fused pass: cheaper than rebuilding w_b = w - Δw after
+        # the step (a write and a read of every tensor), and exact whatever the optimizer does
+        dev = params[0].device if params else torch.device("cpu")
+        wn = self._given_norms(params, param_norms) if param_norms is not None else None
+        if wn is None:
+            wn = (_norms([torch.view_as_real(p.detach()) if p.is_complex() else p.detach() for p in params])
+                  if params else torch.zeros(0, dtype=torch.float64, device=dev))
         self._armed = {"params": params, "names": tuple(names), "labels": tuple(labels),
                        "paths": tuple(paths), "group_index": kinds, "snaps": snaps, "counters": counters,
-                       "stepped": False, "found_inf": None,
+                       "param_norms": wn, "stepped": False, "found_inf": None,
                        "has_grad": [p.grad is not None for p in params]}
 
     @torch.no_grad()
@@ -342,10 +393,9 @@ class UpdateTracker:
         opt = self.optimizer
         groups = opt.param_groups
         formula = self._formula
-        upd: list[torch.Tensor] = []
-        wb: list[torch.Tensor] = []
-        norms_u: list[torch.Tensor] = []
-        norms_w: list[torch.Tensor] = []
+        xs: list[torch.Tensor] = []  # ||Δw_i|| = |scales[i]| * ||xs[i]||
+        scales: list[float] = []
+        norms: list[torch.Tensor] = []
         ws = self._workspace
         ws.reset()
         plan = self._batches(a)
@@ -353,50 +403,67 @@ class UpdateTracker:
 
         def flush():
             nonlocal pending
-            if upd:
-                n = _norms(upd + wb)
-                norms_u.append(n[: len(upd)])
-                norms_w.append(n[len(upd):])
-                upd.clear()
-                wb.clear()
+            if xs:
+                norms.append(_norms(xs))
+                xs.clear()
             ws.reset()  # the views are free again: later writes are ordered after the norm pass
             pending = 0
 
         for i, p in enumerate(a["params"]):
             w = p.detach()
             snap = a["snaps"][i]
+            x, scale = None, 1.0
             if snap is not None:
                 if w.dtype in (torch.float16, torch.bfloat16):
-                    d, wbefore = w.float() - snap.float(), snap  # exact difference, no rounding
+                    x = w.float() - snap.float()  # exact difference, no rounding
                 elif w.is_complex():
-                    d, wbefore = torch.view_as_real(w - snap), torch.view_as_real(snap)
+                    x = torch.view_as_real(snap.sub_(w))  # the snapshot is not needed any more
                 else:
-                    d, wbefore = torch.sub(w, snap, out=ws.take(w, plan[(w.dtype, w.device)])), snap
-            else:
-                d = None
-                if a["stepped"] and a["has_grad"][i]:
-                    h = groups[a["group_index"][i]]
-                    st = opt.state.get(p, {})
-                    keep = self._keep(a, i, st)
-                    if not (isinstance(keep, float) and keep == 0.0):
-                        need = plan[(w.dtype, w.device)]
-                        out, tmp = ws.take(w, need), ws.take(w, need)
-                        d = formula[0](w, st, h, p.grad, out, tmp)
-                        if not isinstance(keep, float) or keep != 1.0:
-                            d.mul_(keep)
-                        wbefore = torch.sub(w, d, out=tmp)
-                if d is None:
-                    d, wbefore = w.new_zeros(0), w
-            upd.append(d)
-            wb.append(wbefore)
+                    x = snap.sub_(w)  # w_before - w_after: the same norm
+            elif a["stepped"] and a["has_grad"][i]:
+                h = groups[a["group_index"][i]]
+                st = opt.state.get(p, {})
+                keep = self._keep(a, i, st)
+                if not (isinstance(keep, float) and keep == 0.0):
+                    need = plan[(w.dtype, w.device)]
+                    x, scale = formula[0](w, st, h, p.grad, lambda w=w, need=need: ws.take(w, need))
+                    if isinstance(keep, float):
+                        scale *= keep
+                    else:  # a device 0-d tensor (a capturable step counter): applied on the device
+                        x = x * keep
+            if x is None:
+                x, scale = w.new_zeros(0), 0.0
+            xs.append(x)
+            scales.append(abs(scale))
             pending += 2 * w.numel() * w.element_size()
             if pending >= self.max_batch_bytes:
                 flush()
         flush()
-        dev = a["params"][0].device if a["params"] else torch.device("cpu")
-        un = torch.cat(norms_u) if norms_u else torch.zeros(0, dtype=torch.float64, device=dev)
-        wn = torch.cat(norms_w) if norms_w else torch.zeros(0, dtype=torch.float64, device=dev)
+        wn = a["param_norms"]
+        if norms:
+            sc = torch.tensor(scales, dtype=torch.float64)
+            un = torch.cat(norms) * (sc if wn.device.type == "cpu" else sc.to(wn.device, non_blocking=True))
+        else:
+            un = torch.zeros(0, dtype=torch.float64, device=wn.device)
         return self._rows(a, un, wn)
+
+    def _given_norms(self, params: list[torch.Tensor], given) -> torch.Tensor | None:
+        """``||w||`` of ``params`` picked out of ``given = (tensors, norms)``, or None if some
+        tensor is not among them. The index is cached while both lists stay the same."""
+        tensors, norms = given
+        if not isinstance(norms, torch.Tensor) or norms.dim() != 1 or norms.numel() != len(tensors):
+            raise ValueError(f"param_norms must be (params, norms) with norms a 1-d tensor of len(params) = "
+                             f"{len(tensors)} values, got {type(norms).__name__} of shape "
+                             f"{tuple(getattr(norms, 'shape', ()))}")
+        key = (tuple(map(id, tensors)), tuple(map(id, params)), norms.device)
+        cached = self._given_index
+        if cached is None or cached[0] != key:
+            pos = {id(t): i for i, t in enumerate(tensors)}
+            if not all(id(p) in pos for p in params):
+                return None
+            idx = torch.tensor([pos[id(p)] for p in params], dtype=torch.long).to(norms.device)
+            cached = self._given_index = (key, idx)
+        return norms.index_select(0, cached[1]).to(torch.float64)
 
     def _batches(self, a) -> dict[tuple, int]:
         """Workspace elements per (dtype, device): two buffers per tensor over the largest batch,

@@ -90,6 +90,7 @@ OPTIMIZERS = {
                                                       amsgrad=True, betas=(0.8, 0.9), **k),
     "adagrad": lambda g, **k: torch.optim.Adagrad(g, lr=0.05, lr_decay=0.1, weight_decay=0.1,
                                                   initial_accumulator_value=0.1, **k),
+    "adagrad_maximize": lambda g, **k: torch.optim.Adagrad(g, lr=0.05, maximize=True, **k),
     "rmsprop": lambda g, **k: torch.optim.RMSprop(g, lr=0.01, weight_decay=0.1, **k),
     "rmsprop_centered_momentum": lambda g, **k: torch.optim.RMSprop(g, lr=0.01, centered=True,
                                                                     momentum=0.5, **k),
@@ -289,3 +290,93 @@ def test_errors():
     tracker.remove()
     assert not opt._optimizer_step_pre_hooks
     assert math.isfinite(float(upd.total_update_ratio))
+
+
+def test_zero_weights_and_zero_lr():
+    """w_before = 0 (zero-initialised biases): ||w_before|| is exactly 0 and the ratio Inf, not a
+    rounding residue of w - Δw; lr = 0: every update norm is exactly 0."""
+    model = make_model(torch.float32)
+    for mod in (model[0], model[2]):
+        torch.nn.init.zeros_(mod.bias)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    tracker = UpdateTracker(opt, model=model)
+    upd, before = _one_step(opt, model, tracker)
+    names = list(upd.names)
+    for b in ("0.bias", "2.bias"):
+        i = names.index(b)
+        assert float(upd.param_norms[i]) == 0.0 and float(upd.update_norms[i]) > 0
+        assert math.isinf(float(upd.update_ratio[i]))
+    un = torch.stack([(p.detach().double() - b.double()).norm() for p, b in zip(model.parameters(), before)])
+    torch.testing.assert_close(upd.update_norms, un, rtol=1e-5, atol=0)
+    opt.param_groups[0]["lr"] = 0.0
+    upd, before = _one_step(opt, model, tracker)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    assert float(upd.update_norms.abs().sum()) == 0.0 and float(upd.total_update_ratio) == 0.0
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "sgd", "rmsprop_centered_momentum"])
+def test_scaled_state_is_normed_in_place(name):
+    """Δw = -lr * buf (momentum) or -lr * g (plain SGD): normed where it lies, no workspace."""
+    check(OPTIMIZERS[name])
+    model = make_model(torch.float64)
+    opt = OPTIMIZERS[name](model.parameters())
+    tracker = UpdateTracker(opt)
+    for step in range(2):
+        _one_step(opt, model, tracker)
+    assert tracker._workspace.buffers == {}
+
+
+def test_param_groups_added_between_steps_reuse_the_workspace_correctly():
+    """The workspace hands out cached views per (offset, shape): a new group changes the layout."""
+    model = make_model(torch.float64)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params[:2], lr=0.01, weight_decay=0.1)
+    tracker = UpdateTracker(opt)
+    for step in range(4):
+        if step == 2:
+            opt.add_param_group({"params": params[2:], "lr": 0.02})
+        set_grads(model, step)
+        held = [p for g in opt.param_groups for p in g["params"]]
+        before = [p.detach().double().clone() for p in held]
+        tracker.before_step()
+        opt.step()
+        upd = tracker.after_step()
+        un, wn = reference(held, before, [list(range(len(held)))])[:2]
+        torch.testing.assert_close(upd.update_norms, un, rtol=1e-6, atol=0)
+        torch.testing.assert_close(upd.param_norms, wn, rtol=1e-12, atol=0)
+
+
+def test_param_norms_given_by_the_statistics_pass():
+    """before_step(param_norms=(params, norms)) takes ||w_before|| from a pass that already read
+    the weights (grad_stats(params=True)): the values given are the ones used; a set that misses
+    a tensor falls back to reading the weights; a malformed one is refused."""
+    import fastgrad
+
+    model = make_model(torch.float64)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+    tracker = UpdateTracker(opt, model=model)
+    for step in range(3):
+        set_grads(model, step)
+        before = [p.detach().clone() for p in params]
+        order = params[::-1]  # any order: picked out by identity
+        st = fastgrad.grad_stats(order, params=True)
+        tracker.before_step(param_norms=(order, st.params.tensor_norms))
+        opt.step()
+        upd = tracker.after_step()
+        un, wn = reference(params, before, [[0, 1, 2, 3]])[:2]
+        torch.testing.assert_close(upd.param_norms, wn, rtol=1e-12, atol=0)
+        torch.testing.assert_close(upd.update_norms, un, rtol=1e-6, atol=0)
+    fake = torch.arange(1.0, 5.0, dtype=torch.float64)
+    set_grads(model, 9)
+    tracker.before_step(param_norms=(params, fake))
+    opt.step()
+    assert torch.equal(tracker.after_step().param_norms, fake)
+    set_grads(model, 10)
+    before = [p.detach().clone() for p in params]
+    tracker.before_step(param_norms=(params[:3], fake[:3]))  # one tensor missing: read them all
+    opt.step()
+    torch.testing.assert_close(tracker.after_step().param_norms, reference(params, before, [[0]])[1],
+                               rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="param_norms"):
+        tracker.before_step(param_norms=(params, fake[:2]))
