@@ -31,15 +31,7 @@ namespace {
 using fastgrad_reader::PlainMeta;
 using fastgrad_reader::read_plain_tensors;
 
-// The CPU kernels' descriptors of plain CPU tensors (see read_plain_tensors).
-// With `disjoint` (in-place ops), false also when two tensors share memory: the
-// general path then applies them in list order (see in_list_order).
-bool read_plain_cpu_tensors(const py::list& tensors, py::handle tensor_type, const py::tuple& dtype_objs,
-                            py::handle strided, std::vector<fastgrad::TensorDesc>& descs, int& dtype_mask,
-                            bool disjoint = false) {
-  std::vector<PlainMeta> meta;
-  if (!read_plain_tensors(tensors, tensor_type, dtype_objs, strided, false, meta, dtype_mask)) return false;
-  if (disjoint && !fastgrad_reader::overlap_layers(fastgrad_reader::plain_spans(meta)).empty()) return false;
+void descs_from_meta(const std::vector<PlainMeta>& meta, std::vector<fastgrad::TensorDesc>& descs) {
   descs.resize(meta.size());
   for (size_t i = 0; i < meta.size(); ++i) {
     fastgrad::TensorDesc& d = descs[i];
@@ -50,6 +42,22 @@ bool read_plain_cpu_tensors(const py::list& tensors, py::handle tensor_type, con
     d.sizes[0] = d.numel;
     d.strides[0] = 1;
   }
+}
+
+// The CPU kernels' descriptors of plain CPU tensors (see read_plain_tensors, which
+// also says what `signed_values` allows). With `disjoint` (in-place ops), false
+// also when two tensors share memory: the general path then applies them in list
+// order (see in_list_order). `meta`: where the metadata is read to (or scratch).
+bool read_plain_cpu_tensors(const py::list& tensors, py::handle tensor_type, const py::tuple& dtype_objs,
+                            py::handle strided, std::vector<fastgrad::TensorDesc>& descs, int& dtype_mask,
+                            bool disjoint = false, bool signed_values = true,
+                            std::vector<PlainMeta>* meta_out = nullptr) {
+  std::vector<PlainMeta> local;
+  std::vector<PlainMeta>& meta = meta_out ? *meta_out : local;
+  if (!read_plain_tensors(tensors, tensor_type, dtype_objs, strided, false, meta, dtype_mask, nullptr, signed_values))
+    return false;
+  if (disjoint && !fastgrad_reader::overlap_layers(fastgrad_reader::plain_spans(meta)).empty()) return false;
+  descs_from_meta(meta, descs);
   return true;
 }
 
@@ -109,14 +117,24 @@ PYBIND11_MODULE(_C, m) {
       "grad_stats_list",
       [](py::list tensors, py::handle tensor_type, py::tuple dtypes, py::handle strided,
          const std::vector<double>& ps, bool hist, int min_exp, int max_exp, int64_t out_floats,
-         int64_t out_counts, int64_t out_numel, int num_threads) {
+         int64_t out_counts, int64_t out_numel, int num_threads, bool signed_values, int64_t out_meta) {
         std::vector<fastgrad::TensorDesc> descs;
+        std::vector<PlainMeta> meta;
         int mask = 0;
-        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask)) return 0;
+        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask, false, signed_values, &meta))
+          return 0;
         const int64_t T = int64_t(descs.size());
         int64_t* numel = reinterpret_cast<int64_t*>(out_numel);
         numel[T] = 0;
         for (int64_t t = 0; t < T; ++t) numel[T] += numel[t] = descs[size_t(t)].numel;
+        if (out_meta != 0) {  // kept for a later scale_meta (the clipping path: one read of the list)
+          int64_t* o = reinterpret_cast<int64_t*>(out_meta);
+          for (int64_t t = 0; t < T; ++t) {
+            o[t] = meta[size_t(t)].ptr;
+            o[T + t] = meta[size_t(t)].numel;
+            o[2 * T + t] = meta[size_t(t)].code;
+          }
+        }
         py::gil_scoped_release nogil;
         double* floats = reinterpret_cast<double*>(out_floats);
         int64_t* counts = reinterpret_cast<int64_t*>(out_counts);
@@ -125,13 +143,20 @@ PYBIND11_MODULE(_C, m) {
         fastgrad::total_row_cpu(ps, T, ncounts, floats, counts);
         return mask;
       },
-      "grad_stats for a list of plain contiguous CPU tensors (dtypes: the torch dtypes of codes 0..3) "
-      "into tables of T + 1 rows (row T: the total) and the int64 [T + 1] element counts. Returns the "
-      "bit mask of the dtype codes seen, or 0 (and computes nothing) when some tensor is not of that kind.");
+      py::arg("tensors"), py::arg("tensor_type"), py::arg("dtypes"), py::arg("strided"), py::arg("ps"),
+      py::arg("hist"), py::arg("min_exp"), py::arg("max_exp"), py::arg("out_floats"), py::arg("out_counts"),
+      py::arg("out_numel"), py::arg("num_threads"), py::arg("signed_values") = true, py::arg("out_meta") = 0,
+      "grad_stats for a list of plain contiguous CPU tensors (dtypes: the torch dtypes of codes 0..3; "
+      "tensor_type: a type or a tuple of two) into tables of T + 1 rows (row T: the total) and the int64 "
+      "[T + 1] element counts. Returns the bit mask of the dtype codes seen, or 0 (and computes nothing) when "
+      "some tensor is not of that kind. signed_values=False: negated views are read as their memory holds "
+      "them (only the +Inf / -Inf counts then differ: for callers that read norms, maxima, NaN or zero "
+      "counts). out_meta (an int64 [3 T] buffer, 0 = none): also the pointers, element counts and dtype codes "
+      "read, for scale_meta.");
 
   m.def("describe_plain", &fastgrad_reader::describe_plain, py::arg("tensors"), py::arg("tensor_type"),
         py::arg("dtypes"), py::arg("strided"), py::arg("cuda"), py::arg("out_meta"), py::arg("disjoint") = false,
-        fastgrad_reader::kDescribePlainDoc);
+        py::arg("signed_values") = true, fastgrad_reader::kDescribePlainDoc);
 
   m.def(
       "scale_list",
@@ -143,7 +168,8 @@ PYBIND11_MODULE(_C, m) {
         if (coef == 1.0) return true;
         std::vector<fastgrad::TensorDesc> descs;
         int mask = 0;
-        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask, true)) return false;
+        // signed_values false: scaling commutes with negation (plain_reader.h)
+        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask, true, false)) return false;
         py::gil_scoped_release nogil;
         fastgrad::scale_cpu(descs, coef, num_threads);
         return true;
@@ -152,12 +178,42 @@ PYBIND11_MODULE(_C, m) {
       "nothing, when some tensor is not of that kind or two tensors share memory.");
 
   m.def(
+      "scale_meta",
+      [](py::list tensors, py::tuple kept, int64_t meta_ptr, int64_t coef_ptr, int num_threads) {
+        // The tensors a grad_stats_list call read (`kept`: the items it read, in order; its
+        // out_meta at meta_ptr), scaled without reading them again. Taken only when `tensors`
+        // holds exactly those objects: the caller's reference to them keeps their memory, and
+        // nothing in between (fastgrad's own coefficient arithmetic) changes their storage.
+        const Py_ssize_t T = PyList_GET_SIZE(tensors.ptr());
+        if (PyTuple_GET_SIZE(kept.ptr()) != T) return false;
+        for (Py_ssize_t i = 0; i < T; ++i)
+          if (PyList_GET_ITEM(tensors.ptr(), i) != PyTuple_GET_ITEM(kept.ptr(), i)) return false;
+        const double coef = *reinterpret_cast<const double*>(coef_ptr);
+        if (coef == 1.0) return true;
+        const int64_t* m = reinterpret_cast<const int64_t*>(meta_ptr);
+        std::vector<PlainMeta> meta(static_cast<size_t>(T));
+        for (Py_ssize_t i = 0; i < T; ++i) meta[size_t(i)] = {m[i], m[T + i], int(m[2 * T + i])};
+        std::vector<fastgrad::TensorDesc> descs;
+        descs_from_meta(meta, descs);
+        py::gil_scoped_release nogil;
+        // tensors sharing memory ([x, x]) scaled in list order, as a per-tensor loop would
+        in_list_order(descs, [&](const std::vector<fastgrad::TensorDesc>& d) { fastgrad::scale_cpu(d, coef, num_threads); });
+        return true;
+      },
+      py::arg("tensors"), py::arg("kept"), py::arg("meta"), py::arg("coef_ptr"), py::arg("num_threads"),
+      "x *= *coef_ptr for the tensors a grad_stats_list call with out_meta read (kept: the tuple of the "
+      "tensors it was given; meta: its out_meta), without reading them again, in list order where they "
+      "share memory. False, touching nothing, unless tensors holds exactly the kept objects.");
+
+  m.def(
       "clamp_list",
       [](py::list tensors, py::handle tensor_type, py::tuple dtypes, py::handle strided, double lo, double hi,
          int num_threads) {
         std::vector<fastgrad::TensorDesc> descs;
         int mask = 0;
-        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask, true)) return false;
+        // signed_values false: a clamp with lo = -hi commutes with negation (plain_reader.h); any other
+        // bounds read negated views as the general path does
+        if (!read_plain_cpu_tensors(tensors, tensor_type, dtypes, strided, descs, mask, true, lo != -hi)) return false;
         py::gil_scoped_release nogil;
         fastgrad::clamp_cpu(descs, lo, hi, num_threads);
         return true;

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from . import dispatch, distributed
+from .backends.cpu import keep_reads
 from .collect import check_grads
 from .ops import clamp_op_, scale_op_
 from .spec import NAN, NEGINF, POSINF, ZERO, StatsSpec
@@ -42,6 +43,7 @@ from .stats import compute_total_norm
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 EPS = 1e-6  # torch's: coef = max_norm / (total_norm + 1e-6)
+_KEEP_READS = keep_reads()  # stateless: one instance serves every call and thread
 
 
 def clip_coefficient(max_norm, total_norm: torch.Tensor | float) -> torch.Tensor | float:
@@ -276,9 +278,21 @@ def clip_grad_norm_(
         names, grads = _grads_of_params(parameters)
         if not grads:
             return torch.tensor(0.0)
-        total, returned = _total_norm(names, grads, p, error_if_nonfinite, backend, process_group, placements)
-        scale_op_(distributed.local_tensors(grads), clip_coefficient(max_norm, total), backend)
-        return returned
+        args = (names, grads, p, max_norm, error_if_nonfinite, backend, process_group, placements)
+        if torch.compiler.is_compiling():  # traced: no thread-local state (the op boundary reads the list)
+            return _norm_and_scale(*args)
+        # One read of the list: the CPU fast form keeps what the norm pass read and scales from it
+        # (backends/cpu.py, keep_reads).
+        with _KEEP_READS:
+            return _norm_and_scale(*args)
+
+
+def _norm_and_scale(names, grads, p, max_norm, error_if_nonfinite, backend, process_group, placements):
+    """clip_grad_norm_'s work: the norm, then the scale by :func:`clip_coefficient` of it (an
+    ``error_if_nonfinite`` error leaves before anything is written); returns the norm."""
+    total, returned = _total_norm(names, grads, p, error_if_nonfinite, backend, process_group, placements)
+    scale_op_(distributed.local_tensors(grads), clip_coefficient(max_norm, total), backend)
+    return returned
 
 
 def clip_grad_value_(

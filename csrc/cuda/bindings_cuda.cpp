@@ -32,5 +32,6 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("chunk_size", &fastgrad_cuda::chunk_size, "elements per work item");
   m.def("describe_plain", &fastgrad_reader::describe_plain, pybind11::arg("tensors"), pybind11::arg("tensor_type"),
         pybind11::arg("dtypes"), pybind11::arg("strided"), pybind11::arg("cuda"), pybind11::arg("out_meta"),
-        pybind11::arg("disjoint") = false, fastgrad_reader::kDescribePlainDoc);
+        pybind11::arg("disjoint") = false, pybind11::arg("signed_values") = true,
+        fastgrad_reader::kDescribePlainDoc);
 }

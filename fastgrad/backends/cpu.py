@@ -85,8 +85,8 @@ class CpuBackend:
         """:meth:`stats` for plain contiguous CPU tensors, with the dtype mask; or None.
 
         The C++ side reads each tensor's metadata once, straight from its
-        Python object (about 1 us per tensor less than :func:`describe` and the
-        dispatcher's own passes), and combines the total row itself (as
+        Python object (csrc/common/plain_reader.h: about 0.3 us a tensor, most
+        of it torch's own attribute functions), and combines the total row itself (as
         :func:`fastgrad.aggregate.aggregate`; a dozen small torch ops less).
         Returns ``(StatsResult, dtype_mask)`` (bit ``DTYPE_CODES[dtype]`` of the
         mask set for each dtype present) or None, having computed nothing, when
@@ -112,17 +112,26 @@ class CpuBackend:
 
         The per-tensor rows go to a per-thread scratch buffer: the clipping path
         needs only the total, and three fresh tables would cost more host time than
-        torch's whole ``clip_grad_norm_`` at one small tensor.
+        torch's whole ``clip_grad_norm_`` at one small tensor. Negated views are read as
+        their memory holds them (a norm, and the NaN count, do not see signs).
+        Inside :func:`keep_reads` the tensors' metadata is kept for :meth:`scale_plain_`.
         """
         T = len(tensors)
         finite = not math.isinf(p)
         floats, counts, numel = _scratch(T + 1, 2 if finite else 1, 4)
+        keep = getattr(_local, "keeping", False)
+        if keep:
+            kept = tuple(tensors)  # what the C++ call reads (its own snapshot is taken just after)
+            meta = _meta_scratch(T)
         mask = _C.grad_stats_list(
             tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, [p] if finite else [], False, 0, 1,
-            floats.ctypes.data, counts.ctypes.data, numel.ctypes.data, torch.get_num_threads(),
+            floats.ctypes.data, counts.ctypes.data, numel.ctypes.data, torch.get_num_threads(), False,
+            meta.ctypes.data if keep else 0,
         )
         if not mask:
             return None
+        if keep:
+            _local.kept = (kept, meta)
         ncols = 2 if finite else 1
         if not finite and counts[T * 4]:  # the inf-norm of anything holding a NaN is NaN, as torch's
             return math.nan, mask
@@ -130,7 +139,11 @@ class CpuBackend:
 
     def scale_plain_(self, tensors: list, coef: torch.Tensor | float) -> bool:
         """:meth:`scale_` for a list of plain contiguous CPU tensors; False (nothing written) otherwise.
-        ``coef`` may also be a Python float (the CPU clipping path computes it on the host)."""
+        ``coef`` may also be a Python float (the CPU clipping path computes it on the host).
+
+        Inside :func:`keep_reads`, tensors that :meth:`total_norm_plain` has just read (the same
+        objects, in the same order) are scaled from the metadata it kept: the list is read once
+        per clipping call."""
         if isinstance(coef, float):
             box = _coef_box()
             box[0] = coef
@@ -141,6 +154,11 @@ class CpuBackend:
             if coef.dtype != torch.float64:
                 coef = coef.to(torch.float64)
             ptr = coef.data_ptr()  # 0-d: always contiguous
+        kept = getattr(_local, "kept", None)
+        if kept is not None:
+            _local.kept = None
+            if _C.scale_meta(tensors, kept[0], kept[1].ctypes.data, ptr, torch.get_num_threads()):
+                return True
         return _C.scale_list(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, ptr, torch.get_num_threads())
 
     def clamp_plain_(self, tensors: list, clip_value: float) -> bool:
@@ -158,7 +176,6 @@ class CpuBackend:
 
 _local = threading.local()  # per-thread scratch: concurrent calls from threads never share it
 
-
 def _scratch(rows: int, fcols: int, ccols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-thread float64 / int64 / int64 buffers of at least ``rows * fcols``, ``rows * ccols``
     and ``rows`` elements (grown, never shrunk): rows nobody returns to the caller."""
@@ -167,6 +184,32 @@ def _scratch(rows: int, fcols: int, ccols: int) -> tuple[np.ndarray, np.ndarray,
         n = max(rows, 64)
         buf = _local.scratch = (np.empty(n * 2, np.float64), np.empty(n * 4, np.int64), np.empty(n, np.int64))
     return buf
+
+
+def _meta_scratch(T: int) -> np.ndarray:
+    """A fresh-enough per-thread int64 [3 T] buffer for the kept metadata (pointers, element counts,
+    dtype codes): its own, so that no other call's scratch overwrites it before the scale."""
+    buf = getattr(_local, "meta", None)
+    if buf is None or buf.shape[0] < 3 * T:
+        buf = _local.meta = np.empty(max(3 * T, 192), np.int64)
+    return buf
+
+
+class keep_reads:
+    """Within this block, on this thread, :meth:`CpuBackend.total_norm_plain` keeps the metadata it
+    reads and the next :meth:`CpuBackend.scale_plain_` of the same tensors scales from it (the
+    clipping path: norm, coefficient, scale; one read of the list). On exit the kept references
+    are dropped, so no gradient is held past the call. Cheap: two attribute writes each way."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        _local.keeping = True
+        _local.kept = None
+
+    def __exit__(self, *exc):
+        _local.keeping = False
+        _local.kept = None
 
 
 def _coef_box() -> np.ndarray:

@@ -61,17 +61,19 @@ def _plan_from_meta(device: torch.device, meta: torch.Tensor, T: int, key_hash: 
     return PLANS.get_by_hash(device, _stream(device), _cuda.chunk_size(), meta, T, key_hash)
 
 
-def _read_plain(tensors: list, disjoint: bool = False):
+def _read_plain(tensors: list, disjoint: bool = False, signed: bool = True):
     """``(device, plan, device pointer table, dtype mask)`` for plain contiguous tensors on one
     CUDA device, read by one C++ pass (``_cuda.describe_plain``, csrc/common/plain_reader.h) into a
     pinned buffer, the plan found by a hash of sizes and dtypes (checked against the cached copy):
     O(1) Python work per call whatever the tensor count. None for anything else, and with
-    ``disjoint`` (in-place ops) also when two tensors share memory."""
+    ``disjoint`` (in-place ops) also when two tensors share memory. ``signed=False`` (scale, and clamp
+    to ``[-v, v]``: both commute with negation) also takes negated views as their memory holds them
+    (csrc/common/plain_reader.h); the statistics pass keeps True (its +Inf / -Inf counts see signs)."""
     T = len(tensors)
     _check_not_capturing(tensors[0].device)
     meta = torch.empty(3 * T, dtype=torch.int64, pin_memory=True)  # pointers, numels, dtype codes
     mask, dev, key_hash = _cuda.describe_plain(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, True,
-                                               meta.data_ptr(), disjoint)
+                                               meta.data_ptr(), disjoint, signed)
     if not mask:
         return None
     device = torch.device("cuda", dev)
@@ -141,7 +143,7 @@ class CudaBackend:
 
     def scale_plain_(self, tensors: list, coef: torch.Tensor) -> bool:
         """:meth:`scale_` for plain contiguous tensors on one CUDA device; False (nothing written) otherwise."""
-        read = _read_plain(tensors, disjoint=True)
+        read = _read_plain(tensors, disjoint=True, signed=False)
         if read is None:
             return False
         device, plan, ptrs, _ = read
@@ -154,7 +156,7 @@ class CudaBackend:
 
     def clamp_plain_(self, tensors: list, clip_value: float) -> bool:
         """:meth:`clamp_` for plain contiguous tensors on one CUDA device; False (nothing written) otherwise."""
-        read = _read_plain(tensors, disjoint=True)
+        read = _read_plain(tensors, disjoint=True, signed=False)
         if read is None:
             return False
         device, plan, ptrs, _ = read
