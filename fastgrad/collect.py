@@ -67,7 +67,8 @@ def collect(obj, names: Sequence[str] | None = None, with_params: bool = False) 
     if names is None:
         names = index_names(len(items))
     if with_params:
-        return _collect_items(items, names, with_params=True)
+        fast = _collect_parameters(items, names)
+        return fast if fast is not None else _collect_items(items, names, with_params=True)
     if {type(t) for t in items} <= _PLAIN:  # fast path: tensors and parameters, no pairs
         gs = [t.grad if type(t) is not torch.Tensor or (t.requires_grad and t.is_leaf) else t
               for t in items]
@@ -78,6 +79,44 @@ def collect(obj, names: Sequence[str] | None = None, with_params: bool = False) 
         _warn_if_empty(len(items), len(gs), 4)
         return Collected(list(names), gs)
     return _collect_items(items, names, with_params=False)
+
+
+def _collect_parameters(items: list, names: Sequence[str]) -> Collected | None:
+    """:func:`collect` with ``with_params`` for the common input — every item an exact
+    ``torch.nn.Parameter``, or every item a ``(str, Parameter)`` pair (a Module's
+    ``named_parameters()``) — in a few list passes; None for anything else (the general form).
+
+    The weights are the parameters themselves: the backends' plain readers take exact
+    ``Parameter`` objects where they only read (csrc/common/plain_reader.h), so no per-weight
+    ``detach()`` is made — creating 10,000 tensor objects (and the garbage collections they
+    trigger) cost more than the rest of a ``grad_stats(params=True)`` call. Nothing records
+    autograd history from them: the fast passes read raw memory, and the general path's
+    backends read raw memory too or detach (:mod:`fastgrad.reference`). Traced by
+    ``torch.compile``: ``detach()`` (custom ops take no inputs that require grad).
+    """
+    if not items:
+        return None
+    ps = items
+    kinds = {type(t) for t in items}
+    if kinds == _PAIR:
+        if {len(it) for it in items} != _TWO:
+            return None
+        names, ps = [it[0] for it in items], [it[1] for it in items]  # (zip(*items): an iterator per item)
+        if {type(n) for n in names} != _STR:
+            return None
+        kinds = {type(p) for p in ps}
+    if kinds != _PARAMETER:
+        return None
+    gs = [p.grad for p in ps]
+    if any(g is None for g in gs):
+        keep = [i for i, g in enumerate(gs) if g is not None]
+        names, ps, gs = [names[i] for i in keep], [ps[i] for i in keep], [gs[i] for i in keep]
+    _warn_if_empty(len(items), len(gs), 5)
+    ws = [p.detach() for p in ps] if torch.compiler.is_compiling() else list(ps)
+    return Collected(list(names), gs, ws)
+
+
+_PAIR, _TWO, _STR, _PARAMETER = {tuple}, {2}, {str}, {torch.nn.Parameter}
 
 
 def _collect_items(items: list, names: Sequence[str], with_params: bool) -> Collected:

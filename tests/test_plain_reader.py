@@ -313,3 +313,72 @@ def test_clip_one_read_matches_torch_per_dtype(dtype):
     torch.testing.assert_close(got, want, rtol=tol, atol=0)
     for p, q in zip(ps, ref):
         torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=0)
+
+
+# -- grad_stats(params=True): weights read as the Parameters they are --------------------------
+
+def _weights(n=6, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(3 + i, generator=g).to(dt))
+          for i, dt in zip(range(n), [torch.float32, torch.float64, torch.float16, torch.bfloat16] * 4)]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+    return ps
+
+
+@pytest.mark.parametrize("form", ["list", "pairs", "module"])
+def test_params_true_passes_the_parameters_without_detach(form, monkeypatch):
+    from fastgrad.collect import collect
+
+    ps = _weights()
+    ps[2].grad = None  # skipped, with its weight
+    if form == "module":
+        obj = torch.nn.Module()
+        for i, p in enumerate(ps):
+            obj.register_parameter(f"w{i}", p)
+    else:
+        obj = [(f"w{i}", p) for i, p in enumerate(ps)] if form == "pairs" else ps
+    monkeypatch.setattr(torch.Tensor, "detach", lambda self: pytest.fail("a weight was detached"))
+    col = collect(obj, with_params=True)
+    monkeypatch.undo()
+    kept = [p for p in ps if p.grad is not None]
+    assert all(w is p for w, p in zip(col.params, kept)) and len(col.params) == len(kept)
+    assert all(g is p.grad for g, p in zip(col.grads, kept))
+    want_names = ["[0]", "[1]", "[3]", "[4]", "[5]"] if form == "list" else ["w0", "w1", "w3", "w4", "w5"]
+    assert col.names == want_names
+    # the general collector gives the same (names, gradients, weight values)
+    from fastgrad.collect import _collect_items
+    items = list(obj.named_parameters()) if form == "module" else list(obj)
+    slow = _collect_items(items, [f"[{i}]" for i in range(len(items))], with_params=True)
+    assert slow.names == col.names and all(a is b for a, b in zip(slow.grads, col.grads))
+    assert all(a.data_ptr() == b.data_ptr() and not a.requires_grad for a, b in zip(slow.params, col.params))
+
+
+def test_params_true_weights_take_the_fast_form_and_match_the_reference(monkeypatch):
+    ps = _weights()
+    taken = []
+    real = CPU.stats_plain
+    monkeypatch.setattr(CPU, "stats_plain", lambda ts, spec: taken.append(real(ts, spec)) or taken[-1])
+    st = fastgrad.grad_stats(ps, params=True, norm_types=(2, 1, "inf"))
+    assert len(taken) == 1 and taken[0] is not None  # one call over grads + Parameters, the fast form
+    spec = make_spec((2, 1, "inf"), True)
+    assert_raw_close(st.params.raw, stats_reference([p.detach() for p in ps], spec))
+    assert_raw_close(st.raw, stats_reference([p.grad for p in ps], spec))
+    assert not st.param_norms.requires_grad and not st.grad_param_ratio.requires_grad
+    want_ratio = torch.tensor([float(p.grad.double().norm() / p.detach().double().norm()) for p in ps],
+                              dtype=torch.float64)
+    torch.testing.assert_close(st.grad_param_ratio, want_ratio, rtol=1e-6, atol=0)
+
+
+def test_params_true_general_path_with_parameters_records_no_history():
+    """Weights the fast form declines (a transposed weight) reach the general path as Parameters:
+    the results hold no autograd history, whatever the backend."""
+    w = torch.nn.Parameter(torch.randn(5, 6).t())
+    w.grad = torch.randn(6, 5)
+    v = torch.nn.Parameter(torch.randn(4))
+    v.grad = torch.randn(4)
+    for backend in ("cpu", "reference"):
+        st = fastgrad.grad_stats([w, v], params=True, backend=backend)
+        assert not st.params.raw.floats.requires_grad and not st.param_norms.requires_grad
+        torch.testing.assert_close(st.param_norms, torch.stack([w.detach().double().norm(), v.detach().double().norm()]),
+                                   rtol=1e-6, atol=0)

@@ -90,7 +90,8 @@ class CpuBackend:
         :func:`fastgrad.aggregate.aggregate`; a dozen small torch ops less).
         Returns ``(StatsResult, dtype_mask)`` (bit ``DTYPE_CODES[dtype]`` of the
         mask set for each dtype present) or None, having computed nothing, when
-        some tensor is anything else.
+        some tensor is anything else. Exact ``torch.nn.Parameter`` objects are read like tensors
+        (:data:`READ_TYPES`: the weights of ``grad_stats(params=True)`` need no ``detach()``).
         """
         T = len(tensors)
         floats = torch.empty(T + 1, spec.num_float_cols, dtype=torch.float64)
@@ -98,7 +99,7 @@ class CpuBackend:
         numel = torch.empty(T + 1, dtype=torch.int64)
         h = spec.histogram
         mask = _C.grad_stats_list(
-            tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided,
+            tensors, READ_TYPES, DTYPES_BY_CODE, torch.strided,
             list(spec.finite_norms), h is not None, h.min_exp if h else 0, h.max_exp if h else 1,
             floats.data_ptr(), counts.data_ptr(), numel.data_ptr(), torch.get_num_threads(),
         )
@@ -124,7 +125,8 @@ class CpuBackend:
             kept = tuple(tensors)  # what the C++ call reads (its own snapshot is taken just after)
             meta = _meta_scratch(T)
         mask = _C.grad_stats_list(
-            tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, [p] if finite else [], False, 0, 1,
+            tensors, torch.Tensor if keep else READ_TYPES, DTYPES_BY_CODE, torch.strided, [p] if finite else [],
+            False, 0, 1,
             floats.ctypes.data, counts.ctypes.data, numel.ctypes.data, torch.get_num_threads(), False,
             meta.ctypes.data if keep else 0,
         )
@@ -175,6 +177,14 @@ class CpuBackend:
 
 
 _local = threading.local()  # per-thread scratch: concurrent calls from threads never share it
+
+# The exact types the plain reader takes where it only reads: tensors, and parameters (the weights
+# of grad_stats(params=True), passed as they are: a detach() per weight, and the garbage
+# collections its new objects trigger, cost more than the statistics of 10,000 small tensors).
+# A Parameter's attributes are a tensor's (the same getset and method descriptors, no
+# __torch_function__ of its own). In-place ops (scale, clamp, and the kept clipping read) take
+# torch.Tensor only: a parameter is never written through its raw memory.
+READ_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def _scratch(rows: int, fcols: int, ccols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-thread float64 / int64 / int64 buffers of at least ``rows * fcols``, ``rows * ccols``
