@@ -398,9 +398,11 @@ def fused_epilogue(cfg: EpilogueConfig, stats, amp_scale: torch.Tensor | None, a
 
 def _state_now(clipper, spike_skip) -> tuple:
     """The state tensors as they are now (identity decides whether the cached pointers still hold)."""
+    keys = getattr(clipper, "_state_keys", ())
+    if spike_skip is None and not keys:  # GlobalNorm / no clipper: nothing to compare
+        return ()
     sp = () if spike_skip is None else (spike_skip.buffer, spike_skip.count, spike_skip.pos)
-    cl = tuple(getattr(clipper, k, None) for k in getattr(clipper, "_state_keys", ()))
-    return sp + cl
+    return sp + tuple(getattr(clipper, k, None) for k in keys)
 
 
 def _cpu_binding(cfg, clipper, spike_skip, state: FusedState):
@@ -409,8 +411,8 @@ def _cpu_binding(cfg, clipper, spike_skip, state: FusedState):
     a move)."""
     now = _state_now(clipper, spike_skip)
     b = state.binding
-    if b is not None and b[0] is state.buffer and len(b[1]) == len(now) and all(
-            x is y for x, y in zip(b[1], now)):
+    if b is not None and b[0] is state.buffer and (b[1] == () if not now else len(b[1]) == len(now) and all(
+            x is y for x, y in zip(b[1], now))):
         return b
     cpu = torch.device("cpu")
     if state.buffer is None or state.buffer.device != cpu:

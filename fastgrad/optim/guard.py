@@ -24,13 +24,18 @@ from .. import clip as _clip
 from ..distributed import local_tensors
 from ..ops import scale_op_
 from ..spec import parse_norm_type
+from ..stats import grad_stats as _grad_stats
 from . import epilogue as _ep
+from . import lane as _lane
 from .names import ParamIndex
 from .options import GuardOptions
 
 # The statistics function is looked up on the package at call time, so that
-# ``fastgrad.optim.grad_stats`` is the one seam to observe or replace it (tests count passes).
+# ``fastgrad.optim.grad_stats`` is the one seam to observe or replace it (tests count passes;
+# the lean lane runs only while it is the real one).
 _pkg = sys.modules[__package__]
+_compiling = torch.compiler.is_compiling
+_CPU = torch.device("cpu")
 
 STATE_KEY = "fastgrad"
 STATE_VERSION = 1
@@ -65,6 +70,7 @@ class StepStats:
 
     def __init__(self, stats, result: _ep.EpilogueResult, clip_coef: Any = _UNSET, amp_scale=None,
                  updates=None) -> None:
+        # ``stats`` may be the lean lane's StepTables: the GradStats is built when first read
         object.__setattr__(self, "_updates", updates)
         object.__setattr__(self, "_stats", stats)
         object.__setattr__(self, "_result", result)
@@ -75,14 +81,23 @@ class StepStats:
         raise AttributeError(f"StepStats is read-only (tried to set {name!r})")
 
     def __getstate__(self) -> dict[str, Any]:  # copy / pickle
-        return {k: getattr(self, k) for k in StepStats.__slots__}
+        state = {k: getattr(self, k) for k in StepStats.__slots__}
+        state["_stats"] = self.stats
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         object.__setattr__(self, "_updates", None)  # states pickled before updates existed
         for k, v in state.items():
             object.__setattr__(self, k, v)
 
-    stats = property(lambda self: self._stats)
+    @property
+    def stats(self):
+        st = self._stats
+        if type(st) is _lane.StepTables:
+            st = st.get()
+            object.__setattr__(self, "_stats", st)
+        return st
+
     updates = property(lambda self: self._updates)
     update_norms = property(lambda self: None if self._updates is None else self._updates.update_norms)
     update_ratio = property(lambda self: None if self._updates is None else self._updates.update_ratio)
@@ -113,7 +128,7 @@ class StepStats:
 class Plan:
     """One step between the statistics pass and the optimizer step."""
 
-    __slots__ = ("params", "names", "stats", "result", "may_skip", "amp_scale", "clip_coef", "track", "updates")
+    __slots__ = ("params", "names", "_stats", "result", "may_skip", "amp_scale", "clip_coef", "track", "updates")
 
     def __init__(self, params, names, stats, result: _ep.EpilogueResult, may_skip: bool, amp_scale,
                  track: bool = False) -> None:
@@ -121,11 +136,18 @@ class Plan:
         self.updates = None
         self.params = params
         self.names = names
-        self.stats = stats
+        self._stats = stats  # a GradStats, or the lean lane's StepTables (built when first read)
         self.result = result
         self.may_skip = may_skip  # False: skipped is all-False by construction, never read it
         self.amp_scale = amp_scale
         self.clip_coef = StepStats._UNSET  # per-tensor coefficients replace it (PerTensorNorm)
+
+    @property
+    def stats(self):
+        st = self._stats
+        if type(st) is _lane.StepTables:
+            st = self._stats = st.get()
+        return st
 
     @property
     def skipped(self) -> torch.Tensor:
@@ -177,6 +199,8 @@ class Guard:
         self.tracker = None  # UpdateTracker with track_updates=True (install_tracker)
         self._monitored = True  # whether the monitor's latest request asked for this step
         self._record_takes_updates: bool | None = None
+        self._lane: _lane.Lane | None = None  # the lean lane's plan for the current parameter set
+        self._lane_ok = _lane.eligible(self)
 
     # -- copies ---------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -185,12 +209,16 @@ class Guard:
         state = self.__dict__.copy()
         tracker = state.pop("tracker", None)
         state["_tracker_optimizer"] = None if tracker is None else tracker.optimizer
+        state["_lane"] = None  # planned again on the copy's first step
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         opt = state.pop("_tracker_optimizer", None)
         self.__dict__.update(state)
         self.tracker = None
+        self._lane = None
+        if "_lane_ok" not in state:  # pickled before the lane existed
+            self._lane_ok = _lane.eligible(self)
         if opt is not None:
             self.install_tracker(opt)
 
@@ -259,11 +287,21 @@ class Guard:
     # -- before the step --------------------------------------------------------------------
     def prepare(self, param_groups: list[dict], amp_scale: torch.Tensor | None,
                 amp_found: torch.Tensor | None) -> Plan | None:
-        """Statistics and decisions for this step (no host sync); None if no parameter has a gradient."""
+        """Statistics and decisions for this step (no host sync); None if no parameter has a gradient.
+
+        The common CPU step takes the lean lane (:mod:`fastgrad.optim.lane`: the same data path
+        with the per-parameter-set work cached); anything it does not serve, the general one."""
+        kwargs = self.stats_kwargs()  # (asks the monitor: once per step)
+        if (kwargs is self._stats_kwargs and amp_scale is None and amp_found is None and self._lane_ok
+                and self.epilogue_impl is None and not _compiling() and _pkg.grad_stats is _grad_stats
+                and _lane.env_allows()):
+            plan = self._prepare_lane(param_groups)
+            if plan is not None:
+                return plan
         params, names = self.index.with_grads(param_groups)
         if not params:
             return None
-        stats = _pkg.grad_stats(params, names=names, **self.stats_kwargs())
+        stats = _pkg.grad_stats(params, names=names, **kwargs)
         dev = stats.raw.floats.device
         self.state.ensure(dev)
         bad = self._bad_counts(names, stats.names, dev)
@@ -274,6 +312,38 @@ class Guard:
         # tracked step, docs/health.md); without one, on every step
         track = self.tracker is not None and self._monitored
         return Plan(params, names, stats, result, may_skip, amp_scale, track)
+
+    def _prepare_lane(self, param_groups: list[dict]) -> Plan | None:
+        index = self.index
+        index.refresh(param_groups)
+        lane = self._lane
+        if lane is None or lane.names is not index.names:  # a new parameter set: plan it once
+            if not index.params:
+                return None
+            lane = self._lane = _lane.build(self, index.params, index.names)
+            if lane is None:
+                self._lane_ok = False
+                return None
+        bad = self._bad
+        if bad is None or bad[2] is not lane.bad:  # the general path ran in between
+            lane.bad = self._bad_counts(lane.names, lane.names_tuple, _CPU)
+            self._bad = (lane.names, lane.names_tuple, lane.bad, _CPU)
+        if lane.wait:  # recent steps had gradients the lane does not take (see _lane.run)
+            lane.wait -= 1
+            return None
+        out = _lane.run(self, lane)
+        if out is None:
+            # a parameter without a gradient, or a view / subclass / other device: the general
+            # path serves this step; retry after 1, 2, 4, ... 64 steps, so that a set that stays
+            # so pays the failed C++ read rarely
+            lane.backoff = min(64, 2 * lane.backoff or 1)
+            lane.wait = lane.backoff
+            return None
+        lane.backoff = 0
+        stats, result = out
+        may_skip = self.skip_nonfinite or self.spike_skip is not None
+        return Plan(lane.params, lane.names, stats, result, may_skip, None,
+                    self.tracker is not None and self._monitored)
 
     def _bad_counts(self, key: list[str], names: tuple[str, ...], device: torch.device) -> torch.Tensor:
         """The per-tensor non-finite counts of the latest bad step over these names (zeros for new
@@ -343,14 +413,14 @@ class Guard:
 
     # -- after the step ---------------------------------------------------------------------
     def finish(self, plan: Plan) -> StepStats:
-        record = StepStats(plan.stats, plan.result, plan.clip_coef, plan.amp_scale, plan.updates)
+        record = StepStats(plan._stats, plan.result, plan.clip_coef, plan.amp_scale, plan.updates)
         self.last_stats = record
         if self.monitor is not None:
             if plan.updates is not None and self._takes_updates():
-                self.monitor.record(plan.stats, clip_coef=record.clip_coef, skipped=record.skipped,
+                self.monitor.record(record.stats, clip_coef=record.clip_coef, skipped=record.skipped,
                                     updates=plan.updates)
             else:
-                self.monitor.record(plan.stats, clip_coef=record.clip_coef, skipped=record.skipped)
+                self.monitor.record(record.stats, clip_coef=record.clip_coef, skipped=record.skipped)
         return record
 
     def _takes_updates(self) -> bool:

@@ -48,7 +48,8 @@ class ParamIndex:
         self.params: list[torch.Tensor] = []
         self.names: list[str] = []
 
-    def _refresh(self, param_groups: list[dict]) -> None:
+    def refresh(self, param_groups: list[dict]) -> None:
+        """Rebuild ``params`` / ``names`` if the group layout changed (new list objects then)."""
         key = (id(param_groups), tuple((id(g["params"]), len(g["params"])) for g in param_groups))
         if key == self._key:
             return
@@ -65,7 +66,7 @@ class ParamIndex:
 
     def with_grads(self, param_groups: list[dict]) -> tuple[list[torch.Tensor], list[str]]:
         """The parameters that have a gradient now, and their names (in group order)."""
-        self._refresh(param_groups)
+        self.refresh(param_groups)
         ps = self.params
         for p in ps:
             if p.grad is None:
