@@ -34,9 +34,9 @@ pytestmark = pytest.mark.skipif(
 _C = cpu_backend._C
 
 
-def _describe(ts, types=torch.Tensor, signed=True, disjoint=False):
+def _describe(ts, types=torch.Tensor, signed=True, disjoint=False, mod=None):
     buf = torch.empty(3 * max(1, len(ts)), dtype=torch.int64)
-    mask, _, _ = _C.describe_plain(ts, types, DTYPES_BY_CODE, torch.strided, False, buf.data_ptr(), disjoint,
+    mask, _, _ = (mod or _C).describe_plain(ts, types, DTYPES_BY_CODE, torch.strided, False, buf.data_ptr(), disjoint,
                                    signed)
     T = len(ts)
     return mask, buf[:T].tolist(), buf[T:2 * T].tolist(), buf[2 * T:3 * T].tolist()
@@ -81,6 +81,25 @@ def test_declines_anything_else(case):
     # and the in-place forms touch nothing
     assert _C.scale_list([torch.ones(3), odd], torch.Tensor, DTYPES_BY_CODE, torch.strided,
                          torch.tensor(2.0, dtype=torch.float64).data_ptr(), 1) is False
+
+
+def test_the_cuda_module_reads_as_the_cpu_module():
+    """fastgrad._cuda compiles its own copy of the reader (header-only): same answers (on CPU
+    tensors with cuda=False; cuda=True declines them)."""
+    try:
+        from fastgrad import _cuda
+    except ImportError as e:
+        pytest.skip(f"fastgrad._cuda not built here ({e})")
+    x = torch.tensor([1.0, -2.0])
+    cases = [(_mixed(), torch.Tensor, True), ([x, torch._neg_view(x)], torch.Tensor, False),
+             ([x, torch._neg_view(x)], torch.Tensor, True),
+             ([x, torch.nn.Parameter(torch.randn(3))], (torch.Tensor, torch.nn.Parameter), True),
+             ([x, torch.nn.Parameter(torch.randn(3))], torch.Tensor, True)]
+    for ts, types, signed in cases:
+        got, want = _describe(ts, types, signed, mod=_cuda), _describe(ts, types, signed)
+        assert got[0] == want[0] and (not want[0] or got == want)  # (a declined call writes nothing)
+    buf = torch.empty(6, dtype=torch.int64)
+    assert _cuda.describe_plain([x], torch.Tensor, DTYPES_BY_CODE, torch.strided, True, buf.data_ptr()) == (0, -1, 0)
 
 
 def test_parameters_only_where_the_caller_accepts_them():

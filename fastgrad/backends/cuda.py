@@ -61,18 +61,19 @@ def _plan_from_meta(device: torch.device, meta: torch.Tensor, T: int, key_hash: 
     return PLANS.get_by_hash(device, _stream(device), _cuda.chunk_size(), meta, T, key_hash)
 
 
-def _read_plain(tensors: list, disjoint: bool = False, signed: bool = True):
+def _read_plain(tensors: list, disjoint: bool = False, signed: bool = True, types=torch.Tensor):
     """``(device, plan, device pointer table, dtype mask)`` for plain contiguous tensors on one
     CUDA device, read by one C++ pass (``_cuda.describe_plain``, csrc/common/plain_reader.h) into a
     pinned buffer, the plan found by a hash of sizes and dtypes (checked against the cached copy):
     O(1) Python work per call whatever the tensor count. None for anything else, and with
     ``disjoint`` (in-place ops) also when two tensors share memory. ``signed=False`` (scale, and clamp
     to ``[-v, v]``: both commute with negation) also takes negated views as their memory holds them
-    (csrc/common/plain_reader.h); the statistics pass keeps True (its +Inf / -Inf counts see signs)."""
+    (csrc/common/plain_reader.h); the statistics pass keeps True (its +Inf / -Inf counts see signs).
+    ``types``: the exact types taken (:data:`READ_TYPES` where the call only reads)."""
     T = len(tensors)
     _check_not_capturing(tensors[0].device)
     meta = torch.empty(3 * T, dtype=torch.int64, pin_memory=True)  # pointers, numels, dtype codes
-    mask, dev, key_hash = _cuda.describe_plain(tensors, torch.Tensor, DTYPES_BY_CODE, torch.strided, True,
+    mask, dev, key_hash = _cuda.describe_plain(tensors, types, DTYPES_BY_CODE, torch.strided, True,
                                                meta.data_ptr(), disjoint, signed)
     if not mask:
         return None
@@ -80,6 +81,11 @@ def _read_plain(tensors: list, disjoint: bool = False, signed: bool = True):
     plan = _plan_from_meta(device, meta, T, key_hash)
     ptrs = meta[:T].to(device, non_blocking=True)  # the caching host allocator keeps meta until copied
     return device, plan, ptrs, mask
+
+
+# Exact types the reader takes where a call only reads: tensors and parameters (the weights of
+# grad_stats(params=True), as in backends/cpu.py); in-place ops take torch.Tensor only.
+READ_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _check_not_capturing(device: torch.device) -> None:
@@ -135,7 +141,7 @@ class CudaBackend:
         hash of the sizes and dtypes (checked against the cached copy), so
         the host does O(1) Python work per call whatever the tensor count.
         """
-        read = _read_plain(tensors)
+        read = _read_plain(tensors, types=READ_TYPES)
         if read is None:
             return None
         device, plan, ptrs, mask = read
