@@ -25,6 +25,10 @@ micro-batches of 4 per step (the noise scale needs two batch sizes) and clip at 
   the step and one norm of each difference after, the two squared gradient norms of the noise
   scale summed over parameters, every value read with ``.item()``; the same EMA in Python.
 
+The fuller end-to-end comparison of training health (three models, fused and foreach AdamW,
+fastgrad through ``wrap`` and standalone, composer-style clone and derived per-parameter loops,
+CPU-time clock for shared machines) is ``bench/health_overhead.py``.
+
 All fastgrad variants write JSONL (flushing every 50 steps); for the
 GradMonitor rows the monitor's own work is also timed alone on real
 gradients (``direct``), since it is below the end-to-end noise. Each variant
