@@ -8,7 +8,8 @@ ops (on a GPU each of those is a kernel launch). Rows: ``clip_grad_norm_``
 and ``get_total_norm`` at 1 to 2,000 tensors, ``grad_stats`` against the torch
 composite that gives its norms (one ``vector_norm`` per tensor + the total),
 and an AdamW(fused) step on 16 parameters: plain, torch's clip + step, and
-``fastgrad.wrap(max_norm=1)``. Best of several rounds of many calls each, the
+``fastgrad.wrap(max_norm=1)``; ``grad_stats(params=True)`` against the per-tensor torch loop
+that computes gradient and weight norms. Best of several rounds of many calls each, the
 variants of a row timed round-robin; ratios are torch's time / fastgrad's.
 Targets (issue #10): clip/get_total_norm <= torch at 1 tensor and >= 3x faster
 at 2,000; the wrapped step <= torch's clip + step and <= 1.3x the plain step.
@@ -89,6 +90,29 @@ def stats_rows(counts: list[int], calls: int, rounds: int) -> list[dict]:
     return rows
 
 
+def param_rows(counts: list[int], calls: int, rounds: int) -> list[dict]:
+    """grad_stats(params=True) (gradient and weight norms, ||g||/||w||, from one pass) against the
+    composer-style torch loop computing the same numbers (issue #13), and against fastgrad's own
+    gradient-only call (what the weights add)."""
+    rows = []
+    for n in counts:
+        ps = small_params(n)
+
+        def composite():
+            g = torch.stack([torch.linalg.vector_norm(p.grad, 2.0) for p in ps])
+            w = torch.stack([torch.linalg.vector_norm(p.detach(), 2.0) for p in ps])
+            return g / w, torch.linalg.vector_norm(g, 2.0), torch.linalg.vector_norm(w, 2.0)
+
+        t = per_call({"torch": composite,
+                      "fastgrad": lambda: fastgrad.grad_stats(ps, histogram=False, params=True).grad_param_ratio,
+                      "grads only": lambda: fastgrad.grad_stats(ps, histogram=False).total_norm},
+                     max(5, calls // max(1, n // 10)), rounds)
+        rows.append({"case": "grad_stats(params=True) vs per-tensor vector_norm of g and w", "tensors": n,
+                     "torch us": t["torch"] * 1e6, "fastgrad us": t["fastgrad"] * 1e6,
+                     "x torch": t["torch"] / t["fastgrad"], "x grads only": t["fastgrad"] / t["grads only"]})
+    return rows
+
+
 def optim_rows(calls: int, rounds: int, n: int = 16) -> list[dict]:
     def opt(ps):
         return torch.optim.AdamW(ps, lr=1e-3, fused=True)
@@ -137,6 +161,10 @@ def main(argv=None) -> None:
           f"torch {torch.__version__}\n")
     rows = clip_rows([1, 10, 100, 2000], calls, rounds) + stats_rows([1, 100, 2000], calls, rounds)
     print(table(rows, ["case", "tensors", "torch us", "fastgrad us", "x torch"]))
+    print()
+    print(table(param_rows([100, 2000], calls, rounds), ["case", "tensors", "torch us", "fastgrad us", "x torch",
+                                                         "x grads only"]))
+    print("\n'x grads only': grad_stats(params=True)'s time over the gradient-only call's (the weights' cost).")
     print("\n'x torch': torch's time / fastgrad's (>1 = fastgrad faster). clip_grad_norm_ with max_norm 1e30"
           " (coefficient 1: fastgrad skips the write, torch multiplies) and 1e-30 (both scale).\n")
     print(table(optim_rows(calls, rounds), ["case", "fastgrad us", "x plain", "x torch clip+step", "aten ops"]))
