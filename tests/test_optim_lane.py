@@ -305,3 +305,26 @@ def test_monitor_gets_the_lane_steps_stats():
         assert torch.equal(st.raw.floats[:, :1], ref.raw.floats[:, :1])
         assert coef is opt.last_stats.clip_coef and not bool(skipped)
     assert mon.n == 4 and len(mon.records) == 4
+
+
+@pytest.mark.parametrize("how", ["attach", "track_updates"])
+def test_attach_and_update_tracking_take_the_lane_with_the_same_results(how):
+    """attach() (step hooks) and wrap(track_updates=True) build a Plan around the lane's step."""
+    a, b = model(), model()
+    if how == "attach":
+        oa = torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True)
+        fastgrad.attach(oa, max_norm=0.5, model=a)
+    else:
+        oa = fastgrad.wrap(torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True), max_norm=0.5, model=a,
+                           track_updates=True)
+    wb = general_only(fastgrad.wrap(torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True), max_norm=0.5, model=b))
+    for step in range(4):
+        fill_grads(a, step)
+        fill_grads(b, step)
+        oa.step()
+        wb.step()
+        assert_same_step(oa.last_stats, wb.last_stats)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa, pb)
+    if how == "track_updates":
+        assert oa.last_stats.update_norms is not None and oa.last_stats.update_norms.shape == (4,)

@@ -291,13 +291,14 @@ class Guard:
 
         The common CPU step takes the lean lane (:mod:`fastgrad.optim.lane`: the same data path
         with the per-parameter-set work cached); anything it does not serve, the general one."""
-        kwargs = self.stats_kwargs()  # (asks the monitor: once per step)
-        if (kwargs is self._stats_kwargs and amp_scale is None and amp_found is None and self._lane_ok
-                and self.epilogue_impl is None and not _compiling() and _pkg.grad_stats is _grad_stats
-                and _lane.env_allows()):
-            plan = self._prepare_lane(param_groups)
-            if plan is not None:
-                return plan
+        # (asks the monitor, once per step; without one, ours: _monitored stays True)
+        kwargs = self._stats_kwargs if self.monitor is None else self.stats_kwargs()
+        if kwargs is self._stats_kwargs and amp_scale is None and amp_found is None:
+            out = self.lane_step(param_groups)
+            if out is not None:
+                lane = self._lane
+                return Plan(lane.params, lane.names, out[0], out[1], self.skip_nonfinite or self.spike_skip is not None,
+                            None, self.tracker is not None and self._monitored)
         params, names = self.index.with_grads(param_groups)
         if not params:
             return None
@@ -313,7 +314,14 @@ class Guard:
         track = self.tracker is not None and self._monitored
         return Plan(params, names, stats, result, may_skip, amp_scale, track)
 
-    def _prepare_lane(self, param_groups: list[dict]) -> Plan | None:
+    def lane_step(self, param_groups: list[dict]) -> tuple[_lane.StepTables, _lane.LaneResult] | None:
+        """This step's statistics (a lazy :class:`~fastgrad.optim.lane.StepTables`) and epilogue
+        result from the lean lane (:mod:`fastgrad.optim.lane`), or None, having changed nothing,
+        when the lane does not serve it (the general path of :meth:`prepare` then does). For steps
+        without a GradScaler and without a monitor's extra request."""
+        if (not self._lane_ok or self.epilogue_impl is not None or _compiling() or _pkg.grad_stats is not _grad_stats
+                or not _lane.env_allows()):
+            return None
         index = self.index
         index.refresh(param_groups)
         lane = self._lane
@@ -324,13 +332,13 @@ class Guard:
             if lane is None:
                 self._lane_ok = False
                 return None
+        if lane.wait:  # recent steps had gradients the lane does not take (see _lane.run)
+            lane.wait -= 1
+            return None
         bad = self._bad
         if bad is None or bad[2] is not lane.bad:  # the general path ran in between
             lane.bad = self._bad_counts(lane.names, lane.names_tuple, _CPU)
             self._bad = (lane.names, lane.names_tuple, lane.bad, _CPU)
-        if lane.wait:  # recent steps had gradients the lane does not take (see _lane.run)
-            lane.wait -= 1
-            return None
         out = _lane.run(self, lane)
         if out is None:
             # a parameter without a gradient, or a view / subclass / other device: the general
@@ -340,10 +348,14 @@ class Guard:
             lane.wait = lane.backoff
             return None
         lane.backoff = 0
-        stats, result = out
-        may_skip = self.skip_nonfinite or self.spike_skip is not None
-        return Plan(lane.params, lane.names, stats, result, may_skip, None,
-                    self.tracker is not None and self._monitored)
+        return out
+
+    @property
+    def lean(self) -> bool:
+        """Whether a folded step may skip the :class:`Plan` (:meth:`lane_step`, then the fused
+        optimizer, then ``last_stats``): no monitor, no update tracker, a folding clipper or none."""
+        return (self.monitor is None and self.tracker is None and self._lane_ok
+                and (self.clipper is None or self.clipper.folds))
 
     def _bad_counts(self, key: list[str], names: tuple[str, ...], device: torch.device) -> torch.Tensor:
         """The per-tensor non-finite counts of the latest bad step over these names (zeros for new

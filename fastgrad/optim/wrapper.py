@@ -195,6 +195,17 @@ class FastgradOptimizer(torch.optim.Optimizer):
         amp_scale = d.get("grad_scale")  # set by GradScaler.step for this call only
         amp_found = d.get("found_inf")
         guard = self._guard
+        if amp_scale is None and amp_found is None and self._folds and guard.lean:
+            # the common folded step without a Plan: lane statistics + epilogue, the fused step, the
+            # record (the same calls as below, less the per-step objects nobody reads)
+            out = guard.lane_step(self.optimizer.param_groups)
+            if out is not None:
+                tables, result = out
+                folded_step(self.optimizer, result.grad_scale, result.found_inf if result.host_skipped else None)
+                guard.last_stats = StepStats(tables, result)
+                for hook in self._optimizer_step_post_hooks.values():
+                    hook(self, (closure,), {})
+                return loss
         plan = guard.prepare(self.optimizer.param_groups, amp_scale, amp_found)
         if plan is None:  # no gradients: nothing to clip; pass any GradScaler state through
             folded_step(self.optimizer, amp_scale if self._folds else None, amp_found if self._folds else None)
