@@ -24,7 +24,6 @@ from .. import clip as _clip
 from ..distributed import local_tensors
 from ..ops import scale_op_
 from ..spec import parse_norm_type
-from ..stats import grad_stats as _grad_stats
 from . import epilogue as _ep
 from . import lane as _lane
 from .names import ParamIndex
@@ -286,15 +285,16 @@ class Guard:
 
     # -- before the step --------------------------------------------------------------------
     def prepare(self, param_groups: list[dict], amp_scale: torch.Tensor | None,
-                amp_found: torch.Tensor | None) -> Plan | None:
+                amp_found: torch.Tensor | None, try_lane: bool = True) -> Plan | None:
         """Statistics and decisions for this step (no host sync); None if no parameter has a gradient.
 
         The common CPU step takes the lean lane (:mod:`fastgrad.optim.lane`: the same data path
-        with the per-parameter-set work cached); anything it does not serve, the general one."""
+        with the per-parameter-set work cached); anything it does not serve, the general one.
+        ``try_lane=False``: the caller just tried the lane for this step."""
         # (asks the monitor, once per step; without one, ours: _monitored stays True)
         kwargs = self._stats_kwargs if self.monitor is None else self.stats_kwargs()
-        if kwargs is self._stats_kwargs and amp_scale is None and amp_found is None:
-            out = self.lane_step(param_groups)
+        if try_lane and kwargs is self._stats_kwargs and amp_scale is None and amp_found is None:
+            out = _lane.step(self, param_groups)
             if out is not None:
                 lane = self._lane
                 return Plan(lane.params, lane.names, out[0], out[1], self.skip_nonfinite or self.spike_skip is not None,
@@ -316,39 +316,10 @@ class Guard:
 
     def lane_step(self, param_groups: list[dict]) -> tuple[_lane.StepTables, _lane.LaneResult] | None:
         """This step's statistics (a lazy :class:`~fastgrad.optim.lane.StepTables`) and epilogue
-        result from the lean lane (:mod:`fastgrad.optim.lane`), or None, having changed nothing,
-        when the lane does not serve it (the general path of :meth:`prepare` then does). For steps
-        without a GradScaler and without a monitor's extra request."""
-        if (not self._lane_ok or self.epilogue_impl is not None or _compiling() or _pkg.grad_stats is not _grad_stats
-                or not _lane.env_allows()):
-            return None
-        index = self.index
-        index.refresh(param_groups)
-        lane = self._lane
-        if lane is None or lane.names is not index.names:  # a new parameter set: plan it once
-            if not index.params:
-                return None
-            lane = self._lane = _lane.build(self, index.params, index.names)
-            if lane is None:
-                self._lane_ok = False
-                return None
-        if lane.wait:  # recent steps had gradients the lane does not take (see _lane.run)
-            lane.wait -= 1
-            return None
-        bad = self._bad
-        if bad is None or bad[2] is not lane.bad:  # the general path ran in between
-            lane.bad = self._bad_counts(lane.names, lane.names_tuple, _CPU)
-            self._bad = (lane.names, lane.names_tuple, lane.bad, _CPU)
-        out = _lane.run(self, lane)
-        if out is None:
-            # a parameter without a gradient, or a view / subclass / other device: the general
-            # path serves this step; retry after 1, 2, 4, ... 64 steps, so that a set that stays
-            # so pays the failed C++ read rarely
-            lane.backoff = min(64, 2 * lane.backoff or 1)
-            lane.wait = lane.backoff
-            return None
-        lane.backoff = 0
-        return out
+        result from the lean lane (:func:`fastgrad.optim.lane.step`), or None, having changed
+        nothing, when the lane does not serve it (the general path of :meth:`prepare` then does).
+        For steps without a GradScaler and without a monitor's extra request."""
+        return _lane.step(self, param_groups)
 
     @property
     def lean(self) -> bool:

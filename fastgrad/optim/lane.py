@@ -30,6 +30,7 @@ automatic or ``cpu`` backend, with the C++ epilogue (the built-in clippers) and 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -41,6 +42,9 @@ from . import epilogue as _ep
 
 _CPU = torch.device("cpu")
 _ENV = dispatch.ENV_VAR
+_compiling = torch.compiler.is_compiling
+# the package fastgrad.optim: its grad_stats is the guard's statistics seam (fastgrad/optim/guard.py)
+_optim = sys.modules[__package__]
 _Tensor, _strided = torch.Tensor, torch.strided
 _grad_stats_list = _cpu._C.grad_stats_list if _cpu._C is not None else None
 _step_epilogue = getattr(_ep._C, "step_epilogue", None)
@@ -125,16 +129,17 @@ class Lane:
     """What the lane keeps per parameter set (see the module docstring)."""
 
     __slots__ = ("params", "names", "names_tuple", "spec", "layout", "norms", "ints", "has_coef", "has_spike",
-                 "bad", "backoff", "wait")
+                 "stateless", "bad", "backoff", "wait")
 
     def __init__(self, params, names, spec: StatsSpec, cfg: _ep.EpilogueConfig, bad: torch.Tensor,
-                 has_spike: bool) -> None:
+                 has_spike: bool, stateless: bool) -> None:
         self.params, self.names, self.names_tuple = params, names, tuple(names)
         self.spec = spec
         self.layout = L = Layout(len(params), spec)
         self.norms = list(spec.finite_norms)
         self.has_coef = cfg.kind != _ep.CLIP_NONE
         self.has_spike = has_spike
+        self.stateless = stateless  # no SpikeSkip and a clipper without state tensors (GlobalNorm, none)
         self.bad = bad
         self.backoff = self.wait = 0  # steps to leave to the general path after a miss (Guard.prepare)
         # the C++ epilogue's ints (fastgrad/optim/epilogue.py _cpu_fast): norm column, max column,
@@ -145,8 +150,7 @@ class Lane:
 
 def eligible(guard) -> bool:
     """Whether ``guard``'s configuration lets its steps take the lane at all (fixed at wrap time;
-    the per-step conditions are checked in :meth:`~fastgrad.optim.guard.Guard.prepare` and
-    :func:`run`)."""
+    the per-step conditions are checked in :func:`step`)."""
     o = guard.options
     return (guard.epilogue_config is not None and not o.dist_kwargs and o.backend in (None, "auto", "cpu")
             and _grad_stats_list is not None and _step_epilogue is not None)
@@ -162,44 +166,76 @@ def build(guard, params: list, names: list[str]) -> Lane | None:
     if b is not _cpu.BACKEND or _ep.fused_why_not(_CPU) is not None:
         return None
     bad = guard._bad_counts(names, tuple(names), _CPU)
-    return Lane(params, names, spec, guard.epilogue_config, bad, guard.spike_skip is not None)
+    has_spike = guard.spike_skip is not None
+    stateless = not has_spike and not getattr(guard.clipper, "_state_keys", ())
+    return Lane(params, names, spec, guard.epilogue_config, bad, has_spike, stateless)
 
 
-def run(guard, lane: Lane) -> tuple[StepTables, LaneResult] | None:
-    """One step's statistics and epilogue, or None (nothing computed, nothing changed) when the
-    gradients are not all plain contiguous CPU tensors: the general path then takes the step."""
+def step(guard, param_groups: list[dict]) -> tuple[StepTables, LaneResult] | None:
+    """One step's statistics and epilogue (see the module docstring), or None, having changed
+    nothing, when the lane does not serve this step: the general path then takes it.
+
+    One flat function on purpose: this runs between two optimizer steps, where every extra Python
+    call costs about twice its own time (the step after it finds its caches and predictors cold)."""
+    if (not guard._lane_ok or guard.epilogue_impl is not None or _compiling()
+            or _optim.grad_stats is not _stats.grad_stats or (_ENV_KEY in _ENV_DATA and not env_allows())):
+        return None
+    index = guard.index
+    index.refresh(param_groups)
+    lane = guard._lane
+    if lane is None or lane.names is not index.names:  # a new parameter set: plan it once
+        if not index.params:
+            return None
+        lane = guard._lane = build(guard, index.params, index.names)
+        if lane is None:
+            guard._lane_ok = False
+            return None
+    if lane.wait:  # recent steps had gradients the lane does not take (below)
+        lane.wait -= 1
+        return None
+    bad = guard._bad
+    if bad is None or bad[2] is not lane.bad:  # the general path ran in between
+        lane.bad = guard._bad_counts(lane.names, lane.names_tuple, _CPU)
+        guard._bad = (lane.names, lane.names_tuple, lane.bad, _CPU)
     L = lane.layout
     buf = torch.empty(L.size, dtype=torch.float64)
     base = buf.data_ptr()
     if not _grad_stats_list([p.grad for p in lane.params], _Tensor, DTYPES_BY_CODE, _strided, lane.norms, False,
                             0, 1, base, base + L.o_counts * 8, base + L.o_numel * 8, torch.get_num_threads()):
+        # a parameter without a gradient, or a view / subclass / other device (the C++ reader
+        # computed nothing): the general path serves this step; retry after 1, 2, 4, ... 64
+        # steps, so that a set that stays so pays the failed read rarely
+        lane.backoff = min(64, 2 * lane.backoff or 1)
+        lane.wait = lane.backoff
         return None
+    lane.backoff = 0
     state = guard.state
-    if state.buffer is None:
-        state.ensure(_CPU)
-    bnd = _ep._cpu_binding(guard.epilogue_config, guard.clipper, guard.spike_skip, state)
-    if bnd is None:  # counters on another device: the general path moves them
-        return None
-    _, _, mid, fold_ptr, grad_scale, found_inf, _, reals = bnd
+    b = state.binding
+    # the epilogue's fixed pointers: rebuilt (_cpu_binding) when the counters or any state
+    # tensor were replaced (first step, load_state_dict, a move); without state, the counters decide
+    if b is None or b[0] is not state.buffer or not lane.stateless:
+        if state.buffer is None:
+            state.ensure(_CPU)
+        b = _ep._cpu_binding(guard.epilogue_config, guard.clipper, guard.spike_skip, state)
+        if b is None:  # counters on another device: the general path moves them
+            return None
     T = L.T
     host_skipped = _step_epilogue(
         [base + T * L.F * 8, base + (L.o_counts + T * L.C) * 8, base + L.o_counts * 8, lane.bad.data_ptr(), 0, 0,
-         *mid, base + L.o_f64 * 8, base + L.o_bool * 8, fold_ptr],
-        lane.ints, reals)
+         *b[2], base + L.o_f64 * 8, base + L.o_bool * 8, b[3]],
+        lane.ints, b[7])
     tables = StepTables(buf, lane)
-    return tables, LaneResult(tables, lane, grad_scale if lane.has_coef else None, found_inf, host_skipped)
+    return tables, LaneResult(tables, lane, b[4] if lane.has_coef else None, b[5], host_skipped)
 
 
-# os.environ's own dict, read without the KeyError an absent key costs (~0.5 us a step)
-_ENV_DATA = getattr(os.environ, "_data", None)
+# os.environ's own dict, read without the KeyError an absent key costs (~0.5 us a step); where
+# os.environ has no such dict, a dict that always holds the key sends every step to env_allows
 try:
-    _ENV_KEY = os.environ.encodekey(_ENV)  # type: ignore[attr-defined]
+    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey(_ENV)  # type: ignore[attr-defined]
 except AttributeError:
-    _ENV_DATA = None
+    _ENV_DATA, _ENV_KEY = {_ENV: None}, _ENV
 
 
 def env_allows() -> bool:
     """``FASTGRAD_BACKEND`` unset, ``auto`` or ``cpu`` (read per step, as the general path does)."""
-    if _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA:
-        return True
     return os.environ.get(_ENV) in (None, "", "auto", "cpu")

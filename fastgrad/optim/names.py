@@ -44,15 +44,27 @@ class ParamIndex:
 
     def __init__(self, model: torch.nn.Module | None) -> None:
         self.model_names = None if model is None else ModelNames(model)
-        self._key: tuple | None = None
+        self._groups: list[dict] | None = None  # the param_groups list the flat list was built from
+        self._lists: list[tuple[list, int]] = []  # each group's params list and its length then
         self.params: list[torch.Tensor] = []
         self.names: list[str] = []
 
+    def __setstate__(self, state: dict) -> None:  # indexes pickled before _groups existed rebuild
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_groups", None)
+        self.__dict__.setdefault("_lists", [])
+
     def refresh(self, param_groups: list[dict]) -> None:
-        """Rebuild ``params`` / ``names`` if the group layout changed (new list objects then)."""
-        key = (id(param_groups), tuple((id(g["params"]), len(g["params"])) for g in param_groups))
-        if key == self._key:
-            return
+        """Rebuild ``params`` / ``names`` if the group layout changed (new list objects then):
+        another ``param_groups`` list, or a group whose ``params`` list was replaced or resized.
+        (The objects themselves are kept, not their ids, which a new object may reuse.)"""
+        if param_groups is self._groups and len(param_groups) == len(self._lists):
+            for g, (ps, n) in zip(param_groups, self._lists):
+                cur = g["params"]
+                if cur is not ps or len(cur) != n:
+                    break
+            else:
+                return
         params, names = [], []
         for gi, g in enumerate(param_groups):
             given = g.get("param_names")
@@ -62,7 +74,8 @@ class ParamIndex:
                 if name is None:
                     name = str(given[pi]) if given is not None and pi < len(given) else f"param_groups[{gi}][{pi}]"
                 names.append(name)
-        self.params, self.names, self._key = params, names, key
+        self.params, self.names = params, names
+        self._groups, self._lists = param_groups, [(g["params"], len(g["params"])) for g in param_groups]
 
     def with_grads(self, param_groups: list[dict]) -> tuple[list[torch.Tensor], list[str]]:
         """The parameters that have a gradient now, and their names (in group order)."""

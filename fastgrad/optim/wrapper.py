@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .. import clip as _clip
+from . import lane as _lane
 from .folding import folded_step, folds_into_kernel
 from .guard import STATE_KEY, Guard, StepStats
 from .options import GuardOptions
@@ -195,10 +196,12 @@ class FastgradOptimizer(torch.optim.Optimizer):
         amp_scale = d.get("grad_scale")  # set by GradScaler.step for this call only
         amp_found = d.get("found_inf")
         guard = self._guard
+        try_lane = True
         if amp_scale is None and amp_found is None and self._folds and guard.lean:
-            # the common folded step without a Plan: lane statistics + epilogue, the fused step, the
-            # record (the same calls as below, less the per-step objects nobody reads)
-            out = guard.lane_step(self.optimizer.param_groups)
+            # the common folded step without a Plan: lane statistics + epilogue, the fused step,
+            # the record (what the general path below does, less the per-step objects nobody
+            # reads: fastgrad.optim.lane)
+            out = _lane.step(guard, self.optimizer.param_groups)
             if out is not None:
                 tables, result = out
                 folded_step(self.optimizer, result.grad_scale, result.found_inf if result.host_skipped else None)
@@ -206,7 +209,8 @@ class FastgradOptimizer(torch.optim.Optimizer):
                 for hook in self._optimizer_step_post_hooks.values():
                     hook(self, (closure,), {})
                 return loss
-        plan = guard.prepare(self.optimizer.param_groups, amp_scale, amp_found)
+            try_lane = False  # the lane declined this step: the general path, without asking again
+        plan = guard.prepare(self.optimizer.param_groups, amp_scale, amp_found, try_lane)
         if plan is None:  # no gradients: nothing to clip; pass any GradScaler state through
             folded_step(self.optimizer, amp_scale if self._folds else None, amp_found if self._folds else None)
         elif self._folds:
@@ -227,7 +231,6 @@ class FastgradOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_step_post_hooks.values():
             hook(self, (closure,), {})
         return loss
-
 
 def wrap(
     optimizer: torch.optim.Optimizer,
