@@ -193,6 +193,9 @@ def _dtensor_rule(name: str, placements, info) -> tuple[bool, bool]:
     return keep, sharded
 
 
+_LOCAL_TYPES = {torch.Tensor, torch.nn.Parameter}  # never DTensors: no isinstance scan needed
+
+
 def plan(
     names: Sequence[str],
     grads: Sequence[torch.Tensor],
@@ -209,8 +212,8 @@ def plan(
     module docstring) and may mark DTensors ``"duplicate"``. Host-only: reads meshes and
     placements (cached per mesh), never data.
     """
-    if process_group is None and all(type(g) is torch.Tensor for g in grads):
-        return None  # the common case, decided without importing DTensor
+    if process_group is None and set(map(type, grads)) <= _LOCAL_TYPES:
+        return None  # the common case (weights passed as Parameters too), decided without importing DTensor
     DTensor = _dtensor_type()
     if process_group is None and (DTensor is None or not any(isinstance(g, DTensor) for g in grads)):
         return None  # other tensor subclasses are local tensors
@@ -297,7 +300,7 @@ def _describe(names, grads, placements, DTensor) -> list[tuple]:
 
 def local_tensors(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``grads`` with every DTensor replaced by its local shard (same storage: in-place ops write through)."""
-    if all(type(g) is torch.Tensor for g in grads):
+    if set(map(type, grads)) <= _LOCAL_TYPES:
         return list(grads)
     DTensor = _dtensor_type()
     return [_local_of(g) if DTensor is not None and isinstance(g, DTensor) else g for g in grads]
