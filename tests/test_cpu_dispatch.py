@@ -220,3 +220,29 @@ def test_wide_instructions_only_inside_their_paths():
     # and the paths are really there: the AVX-512 one uses zmm registers, the AVX2 one ymm
     assert any("isa_avx512::" in f and any("%zmm" in i for i in b) for f, b in fns.items())
     assert any("isa_avx2::" in f and any("%ymm" in i for i in b) for f, b in fns.items())
+
+
+_SCALAR_CMP = re.compile(r"^\s+[0-9a-f]+:\s+set(n?e|n?[abgl]e?)\s")  # a compare result as a byte: lane by lane
+
+
+def _hist_passes(fns: dict[str, list[str]], ns: str) -> dict[str, list[str]]:
+    """The histogram block passes (float, bfloat16, float16 input) of path namespace ``ns``."""
+    return {f: b for f, b in fns.items() if f"{ns}::" in f and re.search(r"block_pass(_bf16)?<true", f)}
+
+
+@pytest.mark.skipif(not X86 or shutil.which("objdump") is None, reason="x86-64 with objdump only")
+def test_avx512_path_compiles_its_own_code_shape():
+    """The AVX-512 path compiles the AVX-512-shaped histogram code (one 16- or 32-entry permute per
+    vector for the counter bit), not the SSE2 fallbacks (the bit made with a float conversion,
+    cvttps2dq; compares done lane by lane, set*). It once did: GCC's C++ front end does not update
+    __AVX512F__ under `#pragma GCC target`, and that path ran at 0.6x of a -march=native build."""
+    if "avx512" not in cpu_isa.compiled():
+        pytest.skip(f"no AVX-512 path in this build: {cpu_isa.compiled()}")
+    passes = _hist_passes(_functions(_C.__file__), "isa_avx512")
+    assert len(passes) >= 3, sorted(passes)
+    for f, body in passes.items():
+        text = "\n".join(body)
+        assert re.search(r"\svperm(i2|t2)?[dw]\s", text), f"no permute in {f}"
+        assert "cvttps2dq" not in text, f"SSE2 fallback (float trick) in {f}"
+        bad = [i for i in body if _SCALAR_CMP.match(i)]
+        assert not bad, f"{len(bad)} lane-by-lane compares in {f}: {bad[:3]}"

@@ -184,7 +184,7 @@ typedef uint16_t u16x16 __attribute__((vector_size(32)));
 // so there the same bits are blended with and/or.
 template <typename M, typename V>
 inline V sel(M mask, V a, V b) {
-#if defined(__AVX512F__) || defined(__clang__)
+#if FASTGRAD_HAS_AVX512 || defined(__clang__)
   return mask ? a : b;
 #else
   return (V)(((M)a & mask) | ((M)b & ~mask));
@@ -193,7 +193,7 @@ inline V sel(M mask, V a, V b) {
 // v + 1 in the lanes where mask is set (a true comparison is -1: subtracted).
 template <typename M, typename V>
 inline V add1_where(M mask, V v) {
-#if defined(__AVX512F__) || defined(__clang__)
+#if FASTGRAD_HAS_AVX512 || defined(__clang__)
   return mask ? v + 1 : v;
 #else
   return v - (V)mask;
@@ -202,7 +202,7 @@ inline V add1_where(M mask, V v) {
 // v + bit in the lanes where mask is set.
 template <typename M, typename V>
 inline V add_where(M mask, V v, V bit) {
-#if defined(__AVX512F__) || defined(__clang__)
+#if FASTGRAD_HAS_AVX512 || defined(__clang__)
   return mask ? v + bit : v;
 #else
   return v + (bit & (V)mask);
@@ -219,7 +219,7 @@ inline u32x16 load_bits(const float* p) {
 // Interleaving with zeros is one permute; __builtin_convertvector to u32x16
 // would be split into 128-bit pieces by GCC and make the hot loop ~20% slower.
 inline u32x16 load_high_halves(const uint16_t* p) {
-#if defined(__AVX512F__)
+#if FASTGRAD_HAS_AVX512
   // A zero-extending load and a shift: cheaper than the general permute below.
   u32x16 u;
   const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
@@ -435,9 +435,9 @@ inline void count_missed(const In* __restrict x, int64_t nv, int64_t missed, uin
 inline u32x16 field_bit(u32x16 au) {
 #if defined(__clang__)  // no variable-index __builtin_shuffle: mask and shift
   return (u32x16{} + 1u) << ((au >> 21) & 28u);
-#elif defined(__AVX512F__)
+#elif FASTGRAD_HAS_AVX512
   return __builtin_shuffle(kFieldBit, au >> 23);  // a 16-entry table: one permute
-#elif defined(__AVX2__)
+#elif FASTGRAD_HAS_AVX2
   return (u32x16{} + 1u) << ((au >> 21) & 28u);  // variable shifts
 #else
   // SSE2 has neither: the float 2^(4 (e % 8)) made from its bits, converted (exactly) to an integer.
@@ -562,7 +562,7 @@ constexpr u16x32 kFieldBit16 = {1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 
 inline u16x32 field_bit16(u16x32 a) {
 #if defined(__clang__)
   return u16x32{} + 1 << ((a >> 5) & 12);
-#elif defined(__AVX512BW__)
+#elif FASTGRAD_HAS_AVX512
   return __builtin_shuffle(kFieldBit16, u16x32(a >> 7));  // one 16-bit permute
 #else
   // No 16-bit variable shift or permute below AVX-512BW: (e % 4 odd ? 16 : 1) * (e % 4 >= 2 ? 256 : 1).
