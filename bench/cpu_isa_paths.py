@@ -3,7 +3,7 @@
     # a second copy of the kernels built for this machine only, in another folder:
     git archive HEAD | tar -x -C /tmp/fg_native
     (cd /tmp/fg_native && FASTGRAD_FORCE_CUDA=0 FASTGRAD_CPU_ARCH=native python setup.py build_ext --inplace)
-    python bench/cpu_isa_paths.py --native /tmp/fg_native/fastgrad/_C*.so [--quick] [--dtypes float32,bfloat16]
+    python bench/cpu_isa_paths.py --native /tmp/fg_native/fastgrad/_C*.so [--quick] [--dtypes float32,bfloat16] [--paths avx512]
 
 Times fastgrad's full statistics pass (norm, max|x|, counts, 82-bin histogram, per tensor and
 total; the plain-list form fastgrad.grad_stats takes for contiguous gradients) over bench/
@@ -80,6 +80,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--paths", help="comma-separated portable paths to time (default: every one this CPU runs)")
     args = ap.parse_args(argv)
     assert _C is not None, "fastgrad._C is not built"
     native = None
@@ -88,6 +89,10 @@ def main(argv=None) -> None:
         assert len(found) == 1, f"--native {args.native}: {found}"
         native = load_module(found[0])
     paths = cpu_isa.supported()
+    if args.paths:
+        unknown = set(args.paths.split(",")) - set(paths)
+        assert not unknown, f"--paths: this build/CPU does not run {sorted(unknown)} (it runs {paths})"
+        paths = [p for p in paths if p in args.paths.split(",")]
     print(f"# fastgrad CPU statistics: portable paths {paths} (auto: {cpu_isa.current()}) vs "
           f"{'the -march=native build ' + args.native if native else 'no native build'} — "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
