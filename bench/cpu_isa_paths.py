@@ -3,7 +3,8 @@
     # a second copy of the kernels built for this machine only, in another folder:
     git archive HEAD | tar -x -C /tmp/fg_native
     (cd /tmp/fg_native && FASTGRAD_FORCE_CUDA=0 FASTGRAD_CPU_ARCH=native python setup.py build_ext --inplace)
-    python bench/cpu_isa_paths.py --native /tmp/fg_native/fastgrad/_C*.so [--quick] [--dtypes float32,bfloat16]
+    python bench/cpu_isa_paths.py --native /tmp/fg_native/fastgrad/_C*.so [--quick] [--dtypes float32,bfloat16] [--paths avx512]
+        [--compare before=/tmp/fg_before/fastgrad/_C*.so]
 
 Times fastgrad's full statistics pass (norm, max|x|, counts, 82-bin histogram, per tensor and
 total; the plain-list form fastgrad.grad_stats takes for contiguous gradients) over bench/
@@ -38,11 +39,11 @@ from param_sets import make, sets  # noqa: E402
 SPEC = StatsSpec(norm_types=(2.0,), histogram=fastgrad.HistogramSpec())
 
 
-def load_module(path: str) -> types.ModuleType:
-    """An extension module file as ``fastgrad_native._C`` (its init function is PyInit__C)."""
-    sys.modules.setdefault("fastgrad_native", types.ModuleType("fastgrad_native"))
-    loader = importlib.machinery.ExtensionFileLoader("fastgrad_native._C", path)
-    spec = importlib.util.spec_from_file_location("fastgrad_native._C", path, loader=loader)
+def load_module(path: str, package: str = "fastgrad_native") -> types.ModuleType:
+    """An extension module file as ``<package>._C`` (its init function is PyInit__C)."""
+    sys.modules.setdefault(package, types.ModuleType(package))
+    loader = importlib.machinery.ExtensionFileLoader(f"{package}._C", path)
+    spec = importlib.util.spec_from_file_location(f"{package}._C", path, loader=loader)
     mod = importlib.util.module_from_spec(spec)
     loader.exec_module(mod)
     return mod
@@ -80,6 +81,10 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--compare", action="append", default=[], metavar="LABEL=SO",
+                    help="another fastgrad/_C*.so (e.g. an earlier portable build, on its own auto path) timed "
+                         "alongside as row LABEL; repeatable")
+    ap.add_argument("--paths", help="comma-separated portable paths to time (default: every one this CPU runs)")
     args = ap.parse_args(argv)
     assert _C is not None, "fastgrad._C is not built"
     native = None
@@ -87,7 +92,17 @@ def main(argv=None) -> None:
         found = glob.glob(args.native)
         assert len(found) == 1, f"--native {args.native}: {found}"
         native = load_module(found[0])
+    others = {}
+    for k, item in enumerate(args.compare):
+        label, _, pattern = item.partition("=")
+        found = glob.glob(pattern)
+        assert label and len(found) == 1, f"--compare {item}: want LABEL=one .so file, found {found}"
+        others[label] = load_module(found[0], f"fastgrad_compare{k}")
     paths = cpu_isa.supported()
+    if args.paths:
+        unknown = set(args.paths.split(",")) - set(paths)
+        assert not unknown, f"--paths: this build/CPU does not run {sorted(unknown)} (it runs {paths})"
+        paths = [p for p in paths if p in args.paths.split(",")]
     print(f"# fastgrad CPU statistics: portable paths {paths} (auto: {cpu_isa.current()}) vs "
           f"{'the -march=native build ' + args.native if native else 'no native build'} — "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
@@ -98,6 +113,8 @@ def main(argv=None) -> None:
             for dt_name in args.dtypes.split(","):
                 grads = make(shapes, getattr(torch, dt_name))
                 fns = {f"portable, {p}": on_path(p, stats_call(_C, grads)) for p in paths}
+                for label, mod in others.items():
+                    fns[label] = stats_call(mod, grads)
                 if native is not None:
                     fns["native"] = stats_call(native, grads)
                 # bitwise equal tables, whichever path or build

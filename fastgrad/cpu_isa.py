@@ -8,8 +8,8 @@ CPU runs is chosen, or the one the environment variable ``FASTGRAD_CPU_ISA``
 call raises ``RuntimeError`` saying so). A source build with ``FASTGRAD_CPU_ARCH=native`` holds
 one path, ``march=native``.
 
-All paths return bitwise identical results (same 16-lane summation order, no FMA contraction):
-a path changes speed only. ``fastgrad backends`` prints the running path.
+All paths return bitwise identical results (same 16-lane summation order; fused multiply-add only
+where it rounds exactly as a multiply then an add): a path changes speed only. ``fastgrad backends`` prints the running path.
 
 The paths are read and switched through a small C interface of the module
 (csrc/cpu/cpu_dispatch.cpp), loaded with ctypes from the module's own file.

@@ -220,3 +220,36 @@ def test_wide_instructions_only_inside_their_paths():
     # and the paths are really there: the AVX-512 one uses zmm registers, the AVX2 one ymm
     assert any("isa_avx512::" in f and any("%zmm" in i for i in b) for f, b in fns.items())
     assert any("isa_avx2::" in f and any("%ymm" in i for i in b) for f, b in fns.items())
+
+
+_SCALAR_CMP = re.compile(r"^\s+[0-9a-f]+:\s+set(n?e|n?[abgl]e?)\s")  # a compare result as a byte: lane by lane
+
+
+def _hist_passes(fns: dict[str, list[str]], ns: str) -> dict[str, list[str]]:
+    """The histogram block passes (float, bfloat16, float16 input) of path namespace ``ns``."""
+    return {f: b for f, b in fns.items() if f"{ns}::" in f and re.search(r"block_pass(_bf16)?<true", f)}
+
+
+@pytest.mark.skipif(not X86 or shutil.which("objdump") is None, reason="x86-64 with objdump only")
+def test_each_path_compiles_its_own_code_shape():
+    """Each path compiles the histogram code shaped for its instruction set. AVX-512: one 16- or
+    32-entry permute per vector for the counter bit (vperm*), not the SSE2 float trick (cvttps2dq);
+    AVX2: variable shifts (vpsllvd). No path compares lane by lane (set*), which GCC does for
+    vectors wider than the ISA's registers. Both once failed: GCC's C++ front end does not update
+    __AVX512F__ under `#pragma GCC target` (the AVX-512 path ran at 0.6x of a -march=native build),
+    and 16-lane vector types on AVX2 / SSE2 ran 12-50x slower than on AVX-512."""
+    if "avx512" not in cpu_isa.compiled():
+        pytest.skip(f"no AVX2/AVX-512 paths in this build: {cpu_isa.compiled()}")
+    fns = _functions(_C.__file__)
+    for ns in ("isa_baseline", "isa_avx2", "isa_avx512"):
+        passes = _hist_passes(fns, ns)
+        assert len(passes) >= 3, (ns, sorted(passes))
+        for f, body in passes.items():
+            text = "\n".join(body)
+            bad = [i for i in body if _SCALAR_CMP.match(i)]
+            assert not bad, f"{len(bad)} lane-by-lane compares in {f}: {bad[:3]}"
+            if ns == "isa_avx512":
+                assert re.search(r"\svperm(i2|t2)?[dw]\s", text), f"no permute in {f}"
+                assert "cvttps2dq" not in text, f"SSE2 fallback (float trick) in {f}"
+            if ns == "isa_avx2" and "_bf16" not in f:
+                assert "vpsllvd" in text, f"no variable shift in {f}"

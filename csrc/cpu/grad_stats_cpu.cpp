@@ -29,10 +29,12 @@
 //
 // Instruction sets: this file is compiled once per path of csrc/cpu/isa.h
 // (portable baseline, AVX2, AVX-512; cpu_dispatch.cpp picks one at run
-// time). All paths give bitwise identical results: the vector code uses
-// 16-lane types whatever the ISA, reductions run in a fixed order (no
-// `omp simd reduction`, whose lane count would follow the vector width),
-// and the build disables FMA contraction (-ffp-contract=off).
+// time). All paths give bitwise identical results: the vector code keeps 16
+// lanes whatever the ISA (as 1, 2 or 4 register-wide pieces: kP), reductions
+// run in a fixed order (no `omp simd reduction`, whose lane count would
+// follow the vector width), and the build disables FMA contraction
+// (-ffp-contract=off) except where a fused multiply-add provably rounds the
+// same way (add_square).
 
 #include "isa.h"
 #if FASTGRAD_ISA_BUILD
@@ -167,89 +169,122 @@ inline void block_pass_scalar(const In* __restrict x, int64_t n, BlockAcc& acc, 
 }
 
 // The float hot path, written with GCC/clang vector extensions: 16 lanes
-// whatever the ISA (one AVX-512 register, two AVX2, four SSE), so both the
-// speed and the summation order (hence the exact result) do not depend on
-// the -march a build used.
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef double f64x8 __attribute__((vector_size(64)));
-typedef double f64x16 __attribute__((vector_size(128)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+// whatever the ISA (one AVX-512 register, two AVX2, four SSE), so the
+// summation order (hence the exact result) does not depend on the -march a
+// build used.
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
-// mask ? a : b lane by lane, for a mask from a vector comparison (lanes all ones
-// or zero). With AVX-512 GCC compiles the vector ternary to mask-register
-// blends; on narrower ISAs it turns the ternary of these 64-byte types into
-// one scalar compare-and-move per lane (about 20x slower for the whole pass),
-// so there the same bits are blended with and/or.
-template <typename M, typename V>
-inline V sel(M mask, V a, V b) {
-#if defined(__AVX512F__) || defined(__clang__)
-  return mask ? a : b;
+// The hot loops hold their 16 lanes as kQ "pieces" of kP lanes, one
+// register each: 16 with AVX-512, 8 with AVX2 (two pieces), 4 otherwise
+// (SSE2, NEON: four). GCC keeps a vector type wider than the ISA's registers
+// in memory and lowers its comparisons and ?: lane by lane, as scalar code:
+// written with 16-lane types, the AVX2 and baseline paths ran the
+// histogram pass 12-50x slower than AVX-512. Lane l of the 16 is lane l % kP
+// of piece l / kP, and every lane computes what it did as one 16-lane vector,
+// in the same order: the paths stay bitwise equal.
+constexpr int kP = FASTGRAD_HAS_AVX512 ? 16 : (FASTGRAD_HAS_AVX2 ? 8 : 4);
+constexpr int kQ = 16 / kP;  // pieces per 16 lanes
+constexpr int kD = kP / 2;   // double lanes per register
+typedef float fP __attribute__((vector_size(4 * kP)));
+typedef uint32_t uP __attribute__((vector_size(4 * kP)));
+typedef int32_t iP __attribute__((vector_size(4 * kP)));
+typedef double dP __attribute__((vector_size(4 * kP)));
+typedef uint16_t hP __attribute__((vector_size(4 * kP)));  // 2 kP uint16 lanes (bfloat16 bits)
+typedef uint16_t hHalfP __attribute__((vector_size(2 * kP)));  // kP uint16 lanes
+
+// acc + a * a for doubles a that are floats: the square is exact (48 bits), so
+// a fused multiply-add rounds the same sum the same way, and the paths that
+// have FMA use it (-ffp-contract=off keeps the compiler from fusing anywhere
+// else, where rounding would differ: ~10% of the float32 pass).
+inline dP add_square(dP acc, dP a) {
+#if FASTGRAD_HAS_FMA && FASTGRAD_HAS_AVX512
+  return (dP)_mm512_fmadd_pd((__m512d)a, (__m512d)a, (__m512d)acc);
+#elif FASTGRAD_HAS_FMA && FASTGRAD_HAS_AVX2
+  return (dP)_mm256_fmadd_pd((__m256d)a, (__m256d)a, (__m256d)acc);
 #else
-  return (V)(((M)a & mask) | ((M)b & ~mask));
+  return acc + a * a;
 #endif
 }
-// v + 1 in the lanes where mask is set (a true comparison is -1: subtracted).
-template <typename M, typename V>
-inline V add1_where(M mask, V v) {
-#if defined(__AVX512F__) || defined(__clang__)
-  return mask ? v + 1 : v;
+// The 16 double lanes of a sum, as 2 kQ registers: lane l is acc[l / kD][l % kD].
+// Adds the kP floats of piece q (lanes q kP ...) to their lanes.
+inline void add_doubles(dP* acc, int q, fP v, bool square) {
+  dP lo, hi;
+#if FASTGRAD_HAS_AVX512
+  // Converted as one 16-lane vector: GCC splits an 8-lane half's conversion into 128-bit pieces.
+  typedef double dP2 __attribute__((vector_size(8 * kP)));
+  const dP2 d = __builtin_convertvector(v, dP2);
+  lo = __builtin_shufflevector(d, d, 0, 1, 2, 3, 4, 5, 6, 7);
+  hi = __builtin_shufflevector(d, d, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
-  return v - (V)mask;
+  typedef float fHalf __attribute__((vector_size(2 * kP)));
+  fHalf vl, vh;
+  std::memcpy(&vl, &v, sizeof(vl));
+  std::memcpy(&vh, reinterpret_cast<const char*>(&v) + sizeof(vl), sizeof(vh));
+  lo = __builtin_convertvector(vl, dP);
+  hi = __builtin_convertvector(vh, dP);
 #endif
+  if (square) {
+    acc[2 * q] = add_square(acc[2 * q], lo);
+    acc[2 * q + 1] = add_square(acc[2 * q + 1], hi);
+  } else {
+    acc[2 * q] += lo;
+    acc[2 * q + 1] += hi;
+  }
 }
-// v + bit in the lanes where mask is set.
-template <typename M, typename V>
-inline V add_where(M mask, V v, V bit) {
-#if defined(__AVX512F__) || defined(__clang__)
-  return mask ? v + bit : v;
-#else
-  return v + (bit & (V)mask);
-#endif
+// Lane l of 16 held as pieces.
+template <typename E, typename V>
+inline E lane(const V* pieces, int l) {
+  return pieces[l / (sizeof(V) / sizeof(E))][l % (sizeof(V) / sizeof(E))];
+}
+template <typename V>
+inline bool any_lane(V v) {
+  uint64_t w[sizeof(V) / 8], o = 0;
+  std::memcpy(w, &v, sizeof(V));
+  for (uint64_t u : w) o |= u;
+  return o != 0;
 }
 
-// The float bits of 16 consecutive values.
-inline u32x16 load_bits(const float* p) {
-  u32x16 u;
+// The float bits of kP consecutive values.
+inline uP load_bits(const float* p) {
+  uP u;
   std::memcpy(&u, p, sizeof(u));
   return u;
 }
-// 16 uint16 in the upper halves of 32-bit lanes, lanes in memory order.
-// Interleaving with zeros is one permute; __builtin_convertvector to u32x16
-// would be split into 128-bit pieces by GCC and make the hot loop ~20% slower.
-inline u32x16 load_high_halves(const uint16_t* p) {
-#if defined(__AVX512F__)
+// kP uint16 in the upper halves of 32-bit lanes, lanes in memory order.
+inline uP load_high_halves(const uint16_t* p) {
+  uP u;
+#if FASTGRAD_HAS_AVX512
   // A zero-extending load and a shift: cheaper than the general permute below.
-  u32x16 u;
   const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
   std::memcpy(&u, &w, sizeof(u));
-  return u;
+#elif FASTGRAD_HAS_AVX2
+  const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+  std::memcpy(&u, &w, sizeof(u));
 #else
-  typedef uint16_t u16x32 __attribute__((vector_size(64)));
-  u16x16 h;
+  // Interleaving with zeros is one permute; __builtin_convertvector to uP
+  // would be split into pieces by GCC.
+  hHalfP h;
   std::memcpy(&h, p, sizeof(h));
   constexpr bool kLittle = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;  // which uint16 of a lane is its upper half
-  const u16x16 lo = kLittle ? u16x16{} : h, hi = kLittle ? h : u16x16{};
-  const u16x32 w = __builtin_shufflevector(lo, hi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24,
-                                           9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  u32x16 u;
+  const hHalfP lo = kLittle ? hHalfP{} : h, hi = kLittle ? h : hHalfP{};
+  static_assert(kP == 4, "the baseline's piece");
+  const hP w = __builtin_shufflevector(lo, hi, 0, 4, 1, 5, 2, 6, 3, 7);
   std::memcpy(&u, &w, sizeof(u));
-  return u;
 #endif
+  return u;
 }
-inline u32x16 load_bits(const BF16* p) { return load_high_halves(&p->bits); }
-// f16_to_float on 16 lanes.
-inline u32x16 load_bits(const F16* p) {
-  const u32x16 hh = load_high_halves(&p->bits);
-  const u32x16 sign = hh & 0x80000000u;
-  const u32x16 em = (hh & 0x7fff0000u) >> 16;
-  const u32x16 normal = (em << 13) + ((127u - 15u) << 23);
-  const u32x16 special = 0x7f800000u | ((em & 0x3ffu) << 13);
-  const f32x16 sub = __builtin_convertvector((i32x16)em, f32x16) * 5.9604644775390625e-08f;  // em * 2^-24
-  u32x16 sub_bits;
+inline uP load_bits(const BF16* p) { return load_high_halves(&p->bits); }
+// f16_to_float on kP lanes.
+inline uP load_bits(const F16* p) {
+  const uP hh = load_high_halves(&p->bits);
+  const uP sign = hh & 0x80000000u;
+  const uP em = (hh & 0x7fff0000u) >> 16;
+  const uP normal = (em << 13) + ((127u - 15u) << 23);
+  const uP special = 0x7f800000u | ((em & 0x3ffu) << 13);
+  const fP sub = __builtin_convertvector((iP)em, fP) * 5.9604644775390625e-08f;  // em * 2^-24
+  uP sub_bits;
   std::memcpy(&sub_bits, &sub, sizeof(sub_bits));
-  const u32x16 mag = sel(em >= 0x7c00u, special, sel(em < 0x400u, sub_bits, normal));
+  const uP mag = em >= 0x7c00u ? special : (em < 0x400u ? sub_bits : normal);
   return sign | mag;
 }
 
@@ -297,11 +332,12 @@ struct Window {
 };
 
 // Horizontal reductions of the 16 lanes.
-inline int32_t lane_or(i32x16 v) {
-  v |= __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v |= __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v |= __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  return v[0] | v[1];
+// The sum of a piece's 16-bit halves (counts of at most 65535 in all).
+inline uint32_t lane_total(uP v) {
+  v = (v & 0xffffu) + (v >> 16);
+  uint32_t t = 0;
+  for (int l = 0; l < kP; ++l) t += v[l];
+  return t;
 }
 
 inline uint32_t lane_sum(u32x16 v) {
@@ -339,6 +375,14 @@ constexpr int bit_reverse4(int L) { return ((L & 1) << 3) | ((L & 2) << 1) | ((L
 // item of at most kChunk elements cannot overflow it.
 struct WideCounts {
   u32x16 v[4 * kNibbleCounters] = {};
+  // v[j] += piece q (lanes q kP ...).
+  void add(int j, int q, uP piece) {
+    char* at = reinterpret_cast<char*>(&v[j]) + q * sizeof(uP);
+    uP w;
+    std::memcpy(&w, at, sizeof(w));
+    w += piece;
+    std::memcpy(at, &w, sizeof(w));
+  }
   void flush(uint32_t* keys, int base) {
     u32x16 lo[16], hi[16];
     for (int j = 0; j < 16; ++j) {
@@ -396,13 +440,13 @@ inline void count_missed(const In* __restrict x, int64_t nv, int64_t missed, uin
   if (missed <= 0) return;
   const uint32_t base = uint32_t(win.base);
   if (missed * 32 < nv) {
-    // A few: found 16 at a time, up to the last one.
+    // A few: found kP at a time, up to the last one.
     int64_t left = missed;
-    for (int64_t i = 0; left > 0 && i < nv; i += 16) {
-      const u32x16 au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
-      const i32x16 out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
-      if (!lane_or(out)) continue;
-      for (int l = 0; l < 16; ++l) {
+    for (int64_t i = 0; left > 0 && i < nv; i += kP) {
+      const uP au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
+      const iP out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
+      if (!any_lane(out)) continue;
+      for (int l = 0; l < kP; ++l) {
         if (out[l]) {
           ++keys[e[l]];
           --left;
@@ -414,10 +458,11 @@ inline void count_missed(const In* __restrict x, int64_t nv, int64_t missed, uin
     // (the scratch key if it is not missed) is written out, then counted
     // without branches.
     alignas(64) uint16_t key16[kInPlaceBlock];
-    for (int64_t i = 0; i < nv; i += 16) {
-      const u32x16 au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
-      const i32x16 out = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u);
-      const u16x16 k = __builtin_convertvector(sel(out, e, u32x16{} + uint32_t(kScratchKey)), u16x16);
+    for (int64_t i = 0; i < nv; i += kP) {
+      const uP au = load_bits(x + i) & 0x7fffffffu, e = au >> 23;
+      const uP scratch = uP{} + uint32_t(kScratchKey);
+      const uP key = (e - base >= uint32_t(kWin)) & (au != 0u) & (au < 0x7f800000u) ? e : scratch;
+      const hHalfP k = __builtin_convertvector(key, hHalfP);
       std::memcpy(key16 + i, &k, sizeof(k));
     }
     count_keys(key16, nv, keys);
@@ -432,19 +477,19 @@ inline void count_missed(const In* __restrict x, int64_t nv, int64_t missed, uin
 // The bit that counts exponent e = au >> 23 in its counter's field: 1 << 4 (e % 8).
 // Per instruction set, since a variable per-lane permute or shift that the ISA
 // lacks is compiled element by element (20x slower for the whole pass):
-inline u32x16 field_bit(u32x16 au) {
+inline uP field_bit(uP au) {
 #if defined(__clang__)  // no variable-index __builtin_shuffle: mask and shift
-  return (u32x16{} + 1u) << ((au >> 21) & 28u);
-#elif defined(__AVX512F__)
+  return (uP{} + 1u) << ((au >> 21) & 28u);
+#elif FASTGRAD_HAS_AVX512
   return __builtin_shuffle(kFieldBit, au >> 23);  // a 16-entry table: one permute
-#elif defined(__AVX2__)
-  return (u32x16{} + 1u) << ((au >> 21) & 28u);  // variable shifts
+#elif FASTGRAD_HAS_AVX2
+  return (uP{} + 1u) << ((au >> 21) & 28u);  // variable shifts
 #else
   // SSE2 has neither: the float 2^(4 (e % 8)) made from its bits, converted (exactly) to an integer.
-  const u32x16 fbits = (((au >> 21) & 28u) + 127u) << 23;
-  f32x16 f;
+  const uP fbits = (((au >> 21) & 28u) + 127u) << 23;
+  fP f;
   std::memcpy(&f, &fbits, sizeof(f));
-  return (u32x16)__builtin_convertvector(f, i32x16);
+  return (uP)__builtin_convertvector(f, iP);
 #endif
 }
 
@@ -460,87 +505,81 @@ inline void block_pass(const In* __restrict x, int64_t n, BlockAcc& acc, uint32_
   // Blocks whose squares could leave float's range are summed again in
   // double (see below).
   constexpr bool kFloatSquares = !std::is_same_v<In, float> && !kS1;
-  f64x8 s1a = {}, s1b = {}, s2a = {}, s2b = {};
-  f32x16 mx = {};
-  i32x16 c_zero = {};  // n <= kInPlaceBlock: int32 is enough
-  u32x16 bytes[2 * kNibbleCounters] = {};
+  dP s1[2 * kQ] = {}, s2[2 * kQ] = {};  // 16 double lanes each (add_doubles)
+  fP mx[kQ] = {};
+  iP c_zero[kQ] = {};  // n <= kInPlaceBlock: int32 is enough
+  uP bytes[2 * kNibbleCounters][kQ] = {};
   const uint32_t first = uint32_t(win.base) / 8;  // exponent / 8 of counter 0's exponents
-  auto add_double = [](f64x8& a, f64x8& b, const f32x16& v) {
-    // Converted as one 16-lane vector: GCC splits an 8-lane half's conversion
-    // into 128-bit pieces.
-    const f64x16 d = __builtin_convertvector(v, f64x16);
-    a += __builtin_shufflevector(d, d, 0, 1, 2, 3, 4, 5, 6, 7);
-    b += __builtin_shufflevector(d, d, 8, 9, 10, 11, 12, 13, 14, 15);
-  };
   for (int64_t i = 0; i < nv;) {
-    u32x16 nib[kNibbleCounters] = {};
-    f32x16 sq = {};
+    uP nib[kNibbleCounters][kQ] = {};
+    fP sq[kQ] = {};
     const int64_t run_end = std::min(nv, i + 16 * kNibbleRun);
     for (; i < run_end; i += 16) {
-      const u32x16 au = load_bits(x + i) & 0x7fffffffu;
-      f32x16 a;
-      std::memcpy(&a, &au, sizeof(a));
-      if constexpr (kFloatSquares) {
-        sq += a * a;
-      } else {
-        const f64x16 ad = __builtin_convertvector(a, f64x16);
-        const f64x8 lo = __builtin_shufflevector(ad, ad, 0, 1, 2, 3, 4, 5, 6, 7);
-        const f64x8 hi = __builtin_shufflevector(ad, ad, 8, 9, 10, 11, 12, 13, 14, 15);
-        if constexpr (kS1) {
-          s1a += lo;
-          s1b += hi;
+#pragma GCC unroll 4
+      for (int q = 0; q < kQ; ++q) {
+        const uP au = load_bits(x + i + q * kP) & 0x7fffffffu;
+        fP a;
+        std::memcpy(&a, &au, sizeof(a));
+        if constexpr (kFloatSquares) {
+          sq[q] += a * a;
+        } else {
+          if constexpr (kS1) add_doubles(s1, q, a, false);
+          add_doubles(s2, q, a, true);
         }
-        s2a += lo * lo;
-        s2b += hi * hi;
-      }
-      mx = sel(a > mx, a, mx);  // NaN compares false: max over non-NaN values
-      c_zero = add1_where(au == 0u, c_zero);
-      if constexpr (kHist) {
-        // Exponent e = au >> 23 goes to field e % 8 (bits 4 (e % 8) and up) of
-        // counter e / 8 - base / 8, which is none of them outside the window
-        // (also for zeros, subnormals, NaN and Inf, see Window).
-        const u32x16 bit = field_bit(au);
-        const u32x16 e8 = au >> 26;
-        for (int c = 0; c < kNibbleCounters; ++c) nib[c] = add_where(e8 == first + c, nib[c], bit);
+        mx[q] = a > mx[q] ? a : mx[q];  // NaN compares false: max over non-NaN values
+        c_zero[q] = au == 0u ? c_zero[q] + 1 : c_zero[q];
+        if constexpr (kHist) {
+          // Exponent e = au >> 23 goes to field e % 8 (bits 4 (e % 8) and up) of
+          // counter e / 8 - base / 8, which is none of them outside the window
+          // (also for zeros, subnormals, NaN and Inf, see Window).
+          const uP bit = field_bit(au);
+          const uP e8 = au >> 26;
+          for (int c = 0; c < kNibbleCounters; ++c) nib[c][q] = e8 == first + c ? nib[c][q] + bit : nib[c][q];
+        }
       }
     }
-    if constexpr (kFloatSquares) add_double(s2a, s2b, sq);
+    if constexpr (kFloatSquares)
+      for (int q = 0; q < kQ; ++q) add_doubles(s2, q, sq[q], false);
     if constexpr (kHist) {
       for (int c = 0; c < kNibbleCounters; ++c) {
-        bytes[2 * c] += nib[c] & 0x0f0f0f0fu;
-        bytes[2 * c + 1] += (nib[c] >> 4) & 0x0f0f0f0fu;
+        for (int q = 0; q < kQ; ++q) {
+          bytes[2 * c][q] += nib[c][q] & 0x0f0f0f0fu;
+          bytes[2 * c + 1][q] += (nib[c][q] >> 4) & 0x0f0f0f0fu;
+        }
       }
     }
   }
-  double s1 = 0, s2 = 0, block_max = 0;
+  double s1t = 0, s2t = 0, block_max = 0;
   for (int l = 0; l < 8; ++l) {
-    s1 += s1a[l] + s1b[l];
-    s2 += s2a[l] + s2b[l];
+    s1t += lane<double>(s1, l) + lane<double>(s1, l + 8);
+    s2t += lane<double>(s2, l) + lane<double>(s2, l + 8);
   }
   int64_t zeros = 0;
   for (int l = 0; l < 16; ++l) {
-    block_max = std::max(block_max, double(mx[l]));
-    zeros += c_zero[l];
+    block_max = std::max(block_max, double(lane<float>(mx, l)));
+    zeros += lane<int32_t>(c_zero, l);
   }
   const double m = std::max(acc.maxabs, block_max);
-  if (kFloatSquares && float_squares_unsafe(block_max)) s2 = double_square_sum(x, nv);
+  if (kFloatSquares && float_squares_unsafe(block_max)) s2t = double_square_sum(x, nv);
   keys[kExpKeys + kZero] += uint32_t(zeros);
   // Finite floats cannot overflow a double sum: a NaN or Inf shows in s2.
-  const int64_t nonfinite = std::isfinite(s2) ? 0 : count_nonfinite(x, nv, keys);
+  const int64_t nonfinite = std::isfinite(s2t) ? 0 : count_nonfinite(x, nv, keys);
   if constexpr (kHist) {
     // Into the item's wide counters (WideCounts); the block's total in the
     // window needs just one horizontal sum.
-    u32x16 in_win = {};
+    uP in_win = {};
     for (int b = 0; b < 2 * kNibbleCounters; ++b) {
-      const u32x16 even = bytes[b] & 0x00ff00ffu, odd = (bytes[b] >> 8) & 0x00ff00ffu;
-      wide.v[2 * b] += even;
-      wide.v[2 * b + 1] += odd;
-      in_win += even + odd;
+      for (int q = 0; q < kQ; ++q) {
+        const uP even = bytes[b][q] & 0x00ff00ffu, odd = (bytes[b][q] >> 8) & 0x00ff00ffu;
+        wide.add(2 * b, q, even);
+        wide.add(2 * b + 1, q, odd);
+        in_win += even + odd;
+      }
     }
-    count_missed(x, nv, nv - zeros - nonfinite - lane_sum((in_win & 0xffffu) + (in_win >> 16)), keys, win, wide);
+    count_missed(x, nv, nv - zeros - nonfinite - lane_total(in_win), keys, win, wide);
   }
-  acc.s1 += s1;
-  acc.s2 += s2;
+  acc.s1 += s1t;
+  acc.s2 += s2t;
   acc.maxabs = m;
   block_pass_scalar(x + nv, n - nv, acc, keys);
 }
@@ -559,74 +598,85 @@ constexpr u16x32 kFieldBit16 = {1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 
                                 1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 4096, 1, 16, 256, 4096};
 
 // The bit that counts the exponent of the bfloat16 bits a (sign cleared): 1 << 4 (e % 4), e = a >> 7.
-inline u16x32 field_bit16(u16x32 a) {
+inline hP field_bit16(hP a) {
 #if defined(__clang__)
-  return u16x32{} + 1 << ((a >> 5) & 12);
-#elif defined(__AVX512BW__)
-  return __builtin_shuffle(kFieldBit16, u16x32(a >> 7));  // one 16-bit permute
+  return hP{} + 1 << ((a >> 5) & 12);
+#elif FASTGRAD_HAS_AVX512
+  return __builtin_shuffle(kFieldBit16, hP(a >> 7));  // one 16-bit permute
 #else
   // No 16-bit variable shift or permute below AVX-512BW: (e % 4 odd ? 16 : 1) * (e % 4 >= 2 ? 256 : 1).
-  const u16x32 k = (a >> 7) & 3;
+  const hP k = (a >> 7) & 3;
   return ((k & 1) * 15 + 1) * (((k >> 1) & 1) * 255 + 1);
 #endif
+}
+
+// In every 128-bit lane of a, its first (kHi: last) four uint16 each with a
+// zero below it (punpcklwd / punpckhwd with zeros): as 32-bit lanes, the
+// bfloat16 values widened to float. Piece q of the 32 lanes' result is the
+// result for piece q: the same lanes whatever the piece width.
+constexpr int unpack_index(int n, int j, bool hi) { return (j % 2 ? n : 0) + j / 8 * 8 + j % 8 / 2 + (hi ? 4 : 0); }
+template <bool kHi, size_t... J>
+inline hP unpack_with_zeros(hP a, std::index_sequence<J...>) {
+  const hP z = {};
+  return __builtin_shufflevector(z, a, unpack_index(int(sizeof...(J)), int(J), kHi)...);
+}
+template <bool kHi>
+inline fP widen_bf16(hP a) {
+  const hP w = unpack_with_zeros<kHi>(a, std::make_index_sequence<2 * kP>{});
+  fP f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
 }
 
 template <bool kHist>
 inline void block_pass_bf16(const BF16* __restrict x, int64_t n, BlockAcc& acc, uint32_t* __restrict keys,
                             Window& win, WideCounts& wide) {
   const int64_t nv = n & ~int64_t(31);
-  f64x8 s2a = {}, s2b = {};
-  u16x32 mx = {}, c_zero = {};  // at most kInPlaceBlock / 32 per lane
-  u16x32 bytes[2 * kNibbleCounters16] = {};
+  dP s2[2 * kQ] = {};  // 16 double lanes (add_doubles)
+  hP mx[kQ] = {}, c_zero[kQ] = {};  // at most kInPlaceBlock / 32 per lane
+  hP bytes[2 * kNibbleCounters16][kQ] = {};
   const uint16_t first = uint16_t(win.base / 4);  // exponent / 4 of counter 0's exponents
-  auto add_double = [&](const f32x16& v) {
-    const f64x16 d = __builtin_convertvector(v, f64x16);
-    s2a += __builtin_shufflevector(d, d, 0, 1, 2, 3, 4, 5, 6, 7);
-    s2b += __builtin_shufflevector(d, d, 8, 9, 10, 11, 12, 13, 14, 15);
-  };
   for (int64_t i = 0; i < nv;) {
-    u16x32 nib[kNibbleCounters16] = {};
-    f32x16 sq_lo = {}, sq_hi = {};  // exact squares, 15 a lane a run, as in block_pass
+    hP nib[kNibbleCounters16][kQ] = {};
+    fP sq_lo[kQ] = {}, sq_hi[kQ] = {};  // exact squares, 15 a lane a run, as in block_pass
     const int64_t run_end = std::min(nv, i + 32 * kNibbleRun);
     for (; i < run_end; i += 32) {
-      u16x32 h;
-      std::memcpy(&h, x + i, sizeof(h));
-      const u16x32 a = h & 0x7fff;
-      mx = sel(a > mx, a, mx);
-      c_zero = add1_where(a == 0, c_zero);
-      const u16x32 z = {};
-      const u16x32 lo = __builtin_shufflevector(z, a, 0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43,
-                                                16, 48, 17, 49, 18, 50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59);
-      const u16x32 hi = __builtin_shufflevector(z, a, 4, 36, 5, 37, 6, 38, 7, 39, 12, 44, 13, 45, 14, 46, 15, 47,
-                                                20, 52, 21, 53, 22, 54, 23, 55, 28, 60, 29, 61, 30, 62, 31, 63);
-      f32x16 flo, fhi;
-      std::memcpy(&flo, &lo, sizeof(flo));
-      std::memcpy(&fhi, &hi, sizeof(fhi));
-      sq_lo += flo * flo;
-      sq_hi += fhi * fhi;
-      if constexpr (kHist) {
-        const u16x32 bit = field_bit16(a);
-        const u16x32 e4 = a >> 9;  // NaN/Inf: 63, beyond every counter; zeros: 0, below
-        for (int c = 0; c < kNibbleCounters16; ++c)
-          nib[c] = add_where(e4 == uint16_t(first + c), nib[c], bit);
+#pragma GCC unroll 4
+      for (int q = 0; q < kQ; ++q) {
+        hP h;
+        std::memcpy(&h, x + i + q * 2 * kP, sizeof(h));
+        const hP a = h & 0x7fff;
+        mx[q] = a > mx[q] ? a : mx[q];
+        c_zero[q] = a == 0 ? c_zero[q] + 1 : c_zero[q];
+        const fP flo = widen_bf16<false>(a), fhi = widen_bf16<true>(a);
+        sq_lo[q] += flo * flo;
+        sq_hi[q] += fhi * fhi;
+        if constexpr (kHist) {
+          const hP bit = field_bit16(a);
+          const hP e4 = a >> 9;  // NaN/Inf: 63, beyond every counter; zeros: 0, below
+          for (int c = 0; c < kNibbleCounters16; ++c)
+            nib[c][q] = e4 == uint16_t(first + c) ? nib[c][q] + bit : nib[c][q];
+        }
       }
     }
-    add_double(sq_lo);
-    add_double(sq_hi);
+    for (int q = 0; q < kQ; ++q) add_doubles(s2, q, sq_lo[q], false);
+    for (int q = 0; q < kQ; ++q) add_doubles(s2, q, sq_hi[q], false);
     if constexpr (kHist) {
       for (int c = 0; c < kNibbleCounters16; ++c) {
-        bytes[2 * c] += nib[c] & 0x0f0f;  // fields 0, 2 -> bytes 0, 1 of the lane
-        bytes[2 * c + 1] += (nib[c] >> 4) & 0x0f0f;  // fields 1, 3
+        for (int q = 0; q < kQ; ++q) {
+          bytes[2 * c][q] += nib[c][q] & 0x0f0f;  // fields 0, 2 -> bytes 0, 1 of the lane
+          bytes[2 * c + 1][q] += (nib[c][q] >> 4) & 0x0f0f;  // fields 1, 3
+        }
       }
     }
   }
-  double s2 = 0;
-  for (int l = 0; l < 8; ++l) s2 += s2a[l] + s2b[l];
+  double s2t = 0;
+  for (int l = 0; l < 8; ++l) s2t += lane<double>(s2, l) + lane<double>(s2, l + 8);
   uint16_t mbits = 0;
   int64_t zeros = 0;
   for (int l = 0; l < 32; ++l) {
-    mbits = std::max(mbits, mx[l]);
-    zeros += c_zero[l];
+    mbits = std::max(mbits, lane<uint16_t>(mx, l));
+    zeros += lane<uint16_t>(c_zero, l);
   }
   double block_max = bf16_to_float(mbits);
   if (mbits > 0x7f80) {  // a NaN: the max over the other values, the slow way
@@ -636,31 +686,33 @@ inline void block_pass_bf16(const BF16* __restrict x, int64_t n, BlockAcc& acc, 
       block_max = v > block_max ? v : block_max;
     }
   }
-  if (float_squares_unsafe(block_max)) s2 = double_square_sum(x, nv);
+  if (float_squares_unsafe(block_max)) s2t = double_square_sum(x, nv);
   keys[kExpKeys + kZero] += uint32_t(zeros);
-  const int64_t nonfinite = std::isfinite(s2) ? 0 : count_nonfinite(x, nv, keys);
+  const int64_t nonfinite = std::isfinite(s2t) ? 0 : count_nonfinite(x, nv, keys);
   if constexpr (kHist) {
     // Into the item's WideCounts layout: counters 2 c and 2 c + 1 here hold
     // the exponents of WideCounts' counter c's low and high 16 bits. As
     // 32-bit lanes, a byte vector's even (odd) bytes are one exponent in both
     // halves: summed, then packed in pairs of counters.
-    u32x16 in_win = {};
+    uP in_win = {};
     for (int c = 0; c < kNibbleCounters; ++c) {
       for (int h = 0; h < 2; ++h) {
-        u32x16 lo_b, hi_b;  // the byte vectors of counters 2 c and 2 c + 1
-        std::memcpy(&lo_b, &bytes[2 * (2 * c) + h], sizeof(lo_b));
-        std::memcpy(&hi_b, &bytes[2 * (2 * c + 1) + h], sizeof(hi_b));
-        for (int k = 0; k < 2; ++k) {
-          const u32x16 l = (lo_b >> (8 * k)) & 0x00ff00ffu, u = (hi_b >> (8 * k)) & 0x00ff00ffu;
-          const u32x16 packed = ((l & 0xffffu) + (l >> 16)) | (((u & 0xffffu) + (u >> 16)) << 16);
-          wide.v[4 * c + 2 * h + k] += packed;
-          in_win += packed;
+        for (int q = 0; q < kQ; ++q) {
+          uP lo_b, hi_b;  // the byte vectors of counters 2 c and 2 c + 1
+          std::memcpy(&lo_b, &bytes[2 * (2 * c) + h][q], sizeof(lo_b));
+          std::memcpy(&hi_b, &bytes[2 * (2 * c + 1) + h][q], sizeof(hi_b));
+          for (int k = 0; k < 2; ++k) {
+            const uP l = (lo_b >> (8 * k)) & 0x00ff00ffu, u = (hi_b >> (8 * k)) & 0x00ff00ffu;
+            const uP packed = ((l & 0xffffu) + (l >> 16)) | (((u & 0xffffu) + (u >> 16)) << 16);
+            wide.add(4 * c + 2 * h + k, q, packed);
+            in_win += packed;
+          }
         }
       }
     }
-    count_missed(x, nv, nv - zeros - nonfinite - lane_sum((in_win & 0xffffu) + (in_win >> 16)), keys, win, wide);
+    count_missed(x, nv, nv - zeros - nonfinite - lane_total(in_win), keys, win, wide);
   }
-  acc.s2 += s2;
+  acc.s2 += s2t;
   acc.maxabs = std::max(acc.maxabs, block_max);
   block_pass_scalar(x + nv, n - nv, acc, keys);
 }
@@ -816,7 +868,7 @@ void process_item(const Job& job, const Item& it, double* fpart, int64_t* cpart)
   for (int k0 = 0; k0 < kExpKeys; k0 += 16) {
     u32x16 v;
     std::memcpy(&v, keys + k0, sizeof(v));
-    if (!lane_or((i32x16)(v != 0u))) continue;
+    if (!any_lane(v)) continue;
     for (int k = k0; k < k0 + 16; ++k)
       if (keys[k] && job.key_col[k] >= 0) cpart[job.key_col[k]] += keys[k];
   }
