@@ -364,8 +364,12 @@ class UpdateTracker:
                 snaps.append(None if derivable else p.detach().clone())
                 st = opt.state.get(p, {}) if derivable and formula[2] else None
                 c = st.get("step") if st else None
-                counters.append(None if not (derivable and formula[2]) else
-                                (c.detach().clone() if isinstance(c, torch.Tensor) else float(c or 0)))
+                if not (derivable and formula[2]):
+                    counters.append(None)
+                elif isinstance(c, torch.Tensor) and c.device.type != "cpu":  # capturable: no sync
+                    counters.append(c.detach().clone())
+                else:  # a host number, or a CPU tensor read without a sync (a clone costs more)
+                    counters.append(float(c) if c is not None else 0.0)
         if self._groups_arg is not None:
             from .stats import group_labels
 
