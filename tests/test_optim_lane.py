@@ -328,3 +328,21 @@ def test_attach_and_update_tracking_take_the_lane_with_the_same_results(how):
             assert torch.equal(pa, pb)
     if how == "track_updates":
         assert oa.last_stats.update_norms is not None and oa.last_stats.update_norms.shape == (4,)
+
+
+def test_step_stats_save_and_load_with_torch_save(tmp_path):
+    """No tensor a reader sees shares its storage under another dtype (torch.save refuses that)."""
+    m = model()
+    opt = fastgrad.wrap(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), max_norm=0.5, model=m)
+    fill_grads(m, 0)
+    opt.step()
+    st = opt.last_stats
+    path = tmp_path / "stats.pt"
+    torch.save({"norm": st.total_norm, "skipped": st.skipped, "nonfinite": st.nonfinite, "coef": st.clip_coef,
+                "floats": st.stats.raw.floats, "counts": st.stats.raw.counts, "numel": st.stats.numel,
+                "last": st}, path)
+    back = torch.load(path, weights_only=False)
+    assert torch.equal(back["norm"], st.total_norm) and back["skipped"].dtype == torch.bool
+    assert not bool(back["skipped"]) and not bool(back["nonfinite"])
+    assert torch.equal(back["counts"], st.stats.raw.counts) and torch.equal(back["numel"], st.stats.numel)
+    assert torch.equal(back["last"].stats.raw.floats, st.stats.raw.floats) and back["last"].names == st.names

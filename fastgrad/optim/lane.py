@@ -57,7 +57,8 @@ class StepTables:
     Layout (8-byte slots, :class:`Layout`): the floats table ``[T + 1, F]`` (row ``T`` the total),
     the epilogue's float64 ``[3]`` (total, coef, factor), the counts table ``[T + 1, C]`` (int64),
     the element counts ``[T + 1]`` (int64), and one slot whose first three bytes are the
-    epilogue's bool ``[3]`` (skipped, nonfinite, spike). Views are made when first read.
+    epilogue's bool ``[3]`` (skipped, nonfinite, spike). The C++ calls write them all; the
+    tensors a reader sees are made when first read (:meth:`views`).
     """
 
     __slots__ = ("buf", "lane", "_views", "_built")
@@ -66,15 +67,18 @@ class StepTables:
         self.buf, self.lane, self._views, self._built = buf, lane, None, None
 
     def views(self) -> tuple[torch.Tensor, ...]:
-        """``(floats [T+1, F], counts [T+1, C], numel [T+1], out_f64 [3], out_bool [3])``."""
+        """``(floats [T+1, F], counts [T+1, C], numel [T+1], out_f64 [3], out_bool [3])``.
+
+        The float64 tensors are views of the allocation; the integer and bool ones are copied out
+        of it (one int64 copy, one bool conversion) when first read, so that no storage is seen
+        under two dtypes (``torch.save`` refuses that, and a caller may save any of them)."""
         v = self._views
         if v is None:
             L, b = self.lane.layout, self.buf
             rows = L.T + 1
-            floats = b[:L.o_f64].view(rows, L.F)
-            counts = b[L.o_counts:L.o_numel].view(torch.int64).view(rows, L.C)
-            numel = b[L.o_numel:L.o_bool].view(torch.int64)
-            v = self._views = (floats, counts, numel, b[L.o_f64:L.o_counts], b[L.o_bool:].view(torch.bool)[:3])
+            ints = b[L.o_counts:L.o_bool].view(torch.int64).clone()
+            v = self._views = (b[:L.o_f64].view(rows, L.F), ints[:rows * L.C].view(rows, L.C), ints[rows * L.C:],
+                               b[L.o_f64:L.o_counts], b[L.o_bool:].view(torch.uint8)[:3].to(torch.bool))
         return v
 
     def result(self) -> StatsResult:
