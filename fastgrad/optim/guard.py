@@ -11,6 +11,10 @@ A step goes through four stages, each one call:
    :mod:`fastgrad.optim.folding`), or scale the gradients by ``c / S`` in one pass
    (:func:`fastgrad.ops.scale_op_`), or let a per-tensor / element-wise / unit-wise clipper
    write them; then :meth:`Guard.finish` records the :class:`StepStats`.
+
+Stages 1-3 of the common CPU step run in the lean lane (:mod:`fastgrad.optim.lane`): the same
+path with everything that depends only on the parameter set planned once, two C++ calls per step,
+and results built when first read.
 """
 
 from __future__ import annotations

@@ -12,8 +12,13 @@ parameter set, decided once in :func:`build` and kept while the set stays:
 * compute: ``_C.grad_stats_list`` (the fast form of the ``cpu`` backend, bitwise the tables
   :func:`fastgrad.grad_stats` returns) then ``_C.step_epilogue`` (the fused epilogue), both
   writing into **one** float64 allocation (:class:`StepTables`);
-* result: the :class:`~fastgrad.stats.GradStats` and the epilogue's 0-d tensors are views of that
-  allocation made when first read: a step nobody inspects makes none.
+* result: the :class:`~fastgrad.stats.GradStats` and the epilogue's 0-d tensors are made when
+  first read (float64 ones as views of that allocation, integer and bool ones copied out of it):
+  a step nobody inspects makes none. The wrapper's folded step makes no ``Plan`` either.
+
+Measured (bench/optim_step_host.py, 16 parameters of 16 elements, one thread): the guard's
+statistics + epilogue stage went from ~45 us to ~14 us, of which ~10 us is the C++ statistics
+call itself; the wrapped fused AdamW step from ~2.3x to ~1.4x the plain step.
 
 Nothing is re-validated that the C++ reader does not check itself: it takes the list only if
 every gradient is a plain contiguous CPU tensor of a supported dtype (a parameter without a
