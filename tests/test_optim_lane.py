@@ -346,3 +346,25 @@ def test_step_stats_save_and_load_with_torch_save(tmp_path):
     assert not bool(back["skipped"]) and not bool(back["nonfinite"])
     assert torch.equal(back["counts"], st.stats.raw.counts) and torch.equal(back["numel"], st.stats.numel)
     assert torch.equal(back["last"].stats.raw.floats, st.stats.raw.floats) and back["last"].names == st.names
+
+
+@pytest.mark.parametrize("lane", [True, False])
+def test_a_deep_copy_steps_on_its_own_state(lane):
+    """The epilogue's cached pointers are not carried into a copy (they would write the original's
+    counters and grad_scale buffer): model and optimizer copied together step identically."""
+    m = model()
+    opt = fastgrad.wrap(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), max_norm=0.1, model=m)
+    if not lane:
+        general_only(opt)
+    fill_grads(m, 0)
+    opt.step()
+    twin = copy.deepcopy({"m": m, "opt": opt})
+    m2, opt2 = twin["m"], twin["opt"]
+    for step in (1, 2):
+        fill_grads(m, step)
+        fill_grads(m2, step)
+        opt.step()
+        opt2.step()
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters()))
+        assert torch.equal(opt.last_stats.clip_coef, opt2.last_stats.clip_coef)
+    assert int(opt.counters["steps"]) == int(opt2.counters["steps"]) == 3

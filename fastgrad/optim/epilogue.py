@@ -316,6 +316,13 @@ class FusedState:
         self._reals: dict[torch.device, torch.Tensor] = {}
         self.binding: tuple | None = None  # the CPU call's fixed part (see _cpu_binding)
 
+    def __getstate__(self) -> dict:
+        # the binding holds raw pointers into *these* tensors: a copy (deepcopy, pickle) that kept
+        # it would have the C++ epilogue write the original's counters and fold buffer
+        state = self.__dict__.copy()
+        state["binding"] = None
+        return state
+
     def ensure(self, device: torch.device) -> dict[str, torch.Tensor]:
         if self.buffer is None:
             self.set_counters(torch.zeros(len(COUNTER_KEYS), dtype=torch.int64, device=device))
