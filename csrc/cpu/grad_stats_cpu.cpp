@@ -992,7 +992,9 @@ void grad_stats_cpu(const std::vector<TensorDesc>& descs, const std::vector<doub
   }
 
   const int nt = std::max(1, std::min<int>(num_threads, int(std::max<int64_t>(W, 1))));
-#pragma omp parallel for schedule(dynamic, 4) num_threads(nt)
+  // if(nt > 1): one thread runs the loops without entering an OpenMP region (a few
+  // microseconds per region, most of a call on a handful of small gradients).
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nt) if (nt > 1)
   for (int64_t w = 0; w < W; ++w) {
     const Item& it = items[w];
     double* f = fpart.data() + w * job.nnorm;
@@ -1002,7 +1004,7 @@ void grad_stats_cpu(const std::vector<TensorDesc>& descs, const std::vector<doub
 
   // Second stage: each tensor's chunks in chunk order (fixed, thread-independent).
   const int nf = int(ps.size()) + 1;
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t t = 0; t < T; ++t) {
     const int64_t w0 = first_item[t], nw = first_item[t + 1] - w0;
     double* out = out_floats + t * nf;

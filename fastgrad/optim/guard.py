@@ -27,6 +27,7 @@ import torch
 from .. import clip as _clip
 from ..distributed import local_tensors
 from ..ops import scale_op_
+from ..stats import GradStats
 from ..spec import parse_norm_type
 from . import epilogue as _ep
 from . import lane as _lane
@@ -237,7 +238,14 @@ class Guard:
     def begin_update(self, plan: Plan | None) -> None:
         """Right before the inner ``step()`` (after clipping / hiding the gradients): arm the tracker."""
         if plan is not None and plan.track:
-            self.tracker.before_step()
+            # weights measured by this step's statistics pass (a monitor's params=True): their L2
+            # norms are ||w_before||, so the tracker need not read the weights again
+            # (a lane step's lazy tables never hold weights: the lane stands aside for params=True)
+            w = plan._stats.params if isinstance(plan._stats, GradStats) else None
+            if w is not None and self.norm_type == 2.0:
+                self.tracker.before_step(param_norms=(plan.params, w.tensor_norms))
+            else:
+                self.tracker.before_step()
 
     def end_update(self, plan: Plan | None) -> None:
         """Right after the inner ``step()`` (or instead of it, on a skipped step: zeros)."""
