@@ -75,6 +75,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import table  # noqa: E402
+from monitor_overhead import SmallTransformer  # noqa: E402  (the same model as the monitor benchmark)
 
 import fastgrad  # noqa: E402
 
@@ -91,19 +92,6 @@ class MLP(torch.nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
-
-
-class SmallTransformer(torch.nn.Module):
-    def __init__(self, vocab=2048, d=256, heads=4, layers=4, ff=1024):
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, d)
-        layer = torch.nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True, norm_first=True)
-        self.layers = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = torch.nn.Linear(d, vocab)
-
-    def forward(self, ids):
-        return self.head(self.layers(self.emb(ids)))
-
 
 def make_task(kind: str):
     """(model, micro-batches [(x, y)], loss_fn, micro-batch size), the same for every variant."""
