@@ -364,6 +364,14 @@ def _state_lists(cfg: EpilogueConfig, clipper, spike_skip, device) -> tuple[list
     return spike, clip
 
 
+def epilogue_ints(cfg: EpilogueConfig, num_float_cols: int, rows: int, counts_stride: int) -> list[int]:
+    """The epilogue's ten ints, one list for the C++ call, the Triton program and the custom op
+    (csrc/bindings.cpp, step_epilogue): the norm column, the max column (the floats table's last),
+    the per-tensor count rows and their stride, the first non-finite column, then the configuration."""
+    return [-1 if cfg.inf_norm else 0, num_float_cols - 1, rows, counts_stride, ZERO, int(cfg.skip_nonfinite),
+            cfg.spike_window, cfg.kind, cfg.clip_len, int(cfg.z_adaptive)]
+
+
 def fused_epilogue(cfg: EpilogueConfig, stats, amp_scale: torch.Tensor | None, amp_found: torch.Tensor | None,
                    *, clipper, spike_skip: SpikeSkip | None, state: FusedState, bad: torch.Tensor,
                    impl: str | None = None) -> EpilogueResult:
@@ -385,8 +393,7 @@ def fused_epilogue(cfg: EpilogueConfig, stats, amp_scale: torch.Tensor | None, a
         amp_found = amp_found.to(dev, torch.float32)
     spike, clip = _state_lists(cfg, clipper, spike_skip, dev)
     fold, grad_scale, found_inf = state.fold_out(dev)
-    ints = [-1 if cfg.inf_norm else 0, total_row.shape[-1] - 1, counts.shape[0], counts.stride(0), ZERO,
-            int(cfg.skip_nonfinite), cfg.spike_window, cfg.kind, cfg.clip_len, int(cfg.z_adaptive)]
+    ints = epilogue_ints(cfg, total_row.shape[-1], counts.shape[0], counts.stride(0))
     if torch.compiler.is_compiling():
         out_f64, out_bool = torch.ops.fastgrad.step_epilogue(
             total_row, total_counts, counts, bad, amp_scale, amp_found, state.buffer, spike, clip, fold, ints,
@@ -432,11 +439,10 @@ def _cpu_binding(cfg, clipper, spike_skip, state: FusedState):
     sp = [t.data_ptr() for t in spike] if spike else [0, 0, 0]
     fold, grad_scale, found_inf = state.fold_out(cpu)
     mid = [state.buffer.data_ptr(), *sp, *cl]
-    ints = [-1 if cfg.inf_norm else 0, int(cfg.skip_nonfinite), cfg.spike_window, cfg.kind, cfg.clip_len,
-            int(cfg.z_adaptive)]
     state.binding = (state.buffer, _state_now(clipper, spike_skip), mid, fold.data_ptr(), grad_scale, found_inf,
-                     ints, cfg.reals[:6])
+                     cfg.reals[:6])
     return state.binding
+
 
 
 def _cpu_fast(cfg, stats, total, clipper, spike_skip, state: FusedState, bad) -> EpilogueResult | None:
@@ -452,16 +458,14 @@ def _cpu_fast(cfg, stats, total, clipper, spike_skip, state: FusedState, bad) ->
     stride = counts.stride()
     if stride[-1] != 1:
         return None
-    _, _, mid, fold_ptr, grad_scale, found_inf, ints, reals = b
+    _, _, mid, fold_ptr, grad_scale, found_inf, reals = b
     out_f64 = torch.empty(3, dtype=torch.float64)
     out_bool = torch.empty(3, dtype=torch.bool)
-    norm_col, skip_nf, window, kind, clip_len, z_adaptive = ints
     host_skipped = _C.step_epilogue(
         [floats.data_ptr(), total.counts.data_ptr(), counts.data_ptr(), bad.data_ptr(), 0, 0, *mid,
          out_f64.data_ptr(), out_bool.data_ptr(), fold_ptr],
-        [norm_col, floats.shape[-1] - 1, counts.shape[0], stride[0], ZERO, skip_nf, window, kind, clip_len,
-         z_adaptive], reals)
-    has_coef = kind != CLIP_NONE
+        epilogue_ints(cfg, floats.shape[-1], counts.shape[0], stride[0]), reals)
+    has_coef = cfg.kind != CLIP_NONE
     return EpilogueResult(out_f64, out_bool, has_coef=has_coef, has_spike=spike_skip is not None,
                           grad_scale=grad_scale if has_coef else None, found_inf=found_inf, bad=bad,
                           host_skipped=host_skipped)

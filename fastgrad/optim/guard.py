@@ -326,16 +326,9 @@ class Guard:
         track = self.tracker is not None and self._monitored
         return Plan(params, names, stats, result, may_skip, amp_scale, track)
 
-    def lane_step(self, param_groups: list[dict]) -> tuple[_lane.StepTables, _lane.LaneResult] | None:
-        """This step's statistics (a lazy :class:`~fastgrad.optim.lane.StepTables`) and epilogue
-        result from the lean lane (:func:`fastgrad.optim.lane.step`), or None, having changed
-        nothing, when the lane does not serve it (the general path of :meth:`prepare` then does).
-        For steps without a GradScaler and without a monitor's extra request."""
-        return _lane.step(self, param_groups)
-
     @property
     def lean(self) -> bool:
-        """Whether a folded step may skip the :class:`Plan` (:meth:`lane_step`, then the fused
+        """Whether a folded step may skip the :class:`Plan` (:func:`fastgrad.optim.lane.step`, then the fused
         optimizer, then ``last_stats``): no monitor, no update tracker, a folding clipper or none."""
         return (self.monitor is None and self.tracker is None and self._lane_ok
                 and (self.clipper is None or self.clipper.folds))

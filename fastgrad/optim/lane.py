@@ -42,7 +42,7 @@ import torch
 from .. import dispatch
 from .. import stats as _stats
 from ..backends import cpu as _cpu
-from ..spec import DTYPES_BY_CODE, ZERO, RawStats, StatsResult, StatsSpec
+from ..spec import DTYPES_BY_CODE, RawStats, StatsResult, StatsSpec
 from . import epilogue as _ep
 
 _CPU = torch.device("cpu")
@@ -151,10 +151,7 @@ class Lane:
         self.stateless = stateless  # no SpikeSkip and a clipper without state tensors (GlobalNorm, none)
         self.bad = bad
         self.backoff = self.wait = 0  # steps to leave to the general path after a miss (Guard.prepare)
-        # the C++ epilogue's ints (fastgrad/optim/epilogue.py _cpu_fast): norm column, max column,
-        # T per-tensor count rows, their stride, the non-finite columns, then the configuration
-        self.ints = [-1 if cfg.inf_norm else 0, L.F - 1, L.T, L.C, ZERO, int(cfg.skip_nonfinite),
-                     cfg.spike_window, cfg.kind, cfg.clip_len, int(cfg.z_adaptive)]
+        self.ints = _ep.epilogue_ints(cfg, L.F, L.T, L.C)  # the C++ epilogue's ints for this layout
 
 
 def eligible(guard) -> bool:
@@ -232,7 +229,7 @@ def step(guard, param_groups: list[dict]) -> tuple[StepTables, LaneResult] | Non
     host_skipped = _step_epilogue(
         [base + T * L.F * 8, base + (L.o_counts + T * L.C) * 8, base + L.o_counts * 8, lane.bad.data_ptr(), 0, 0,
          *b[2], base + L.o_f64 * 8, base + L.o_bool * 8, b[3]],
-        lane.ints, b[7])
+        lane.ints, b[6])
     tables = StepTables(buf, lane)
     return tables, LaneResult(tables, lane, b[4] if lane.has_coef else None, b[5], host_skipped)
 

@@ -232,6 +232,7 @@ class FastgradOptimizer(torch.optim.Optimizer):
             hook(self, (closure,), {})
         return loss
 
+
 def wrap(
     optimizer: torch.optim.Optimizer,
     *,
