@@ -237,14 +237,7 @@ def make_variant(name: str, model_kind: str, opt_kind: str, tmp: str, clip: bool
                 w2.step()
                 ns2.accumulated(micro_batch_size=b, micro_batches=MICRO, total_norm=w2.last_stats.total_norm)
 
-            def base():
-                clip_()
-                plain.step()
-
-            try:
-                return _extra(accumulate, monitored, base, reps)
-            finally:
-                mon2.close()
+            return _extra(accumulate, monitored, clip_, plain, reps, mon2.close)
 
         return step, mon.close, extra
 
@@ -273,14 +266,7 @@ def make_variant(name: str, model_kind: str, opt_kind: str, tmp: str, clip: bool
                 ns2.first_micro_batch(model)
                 inner()
 
-            def base():
-                clip_()
-                plain.step()
-
-            try:
-                return _extra(accumulate, monitored, base, reps)
-            finally:
-                mon2.close()
+            return _extra(accumulate, monitored, clip_, plain, reps, mon2.close)
 
         return step, mon.close, extra
 
@@ -311,14 +297,7 @@ def make_variant(name: str, model_kind: str, opt_kind: str, tmp: str, clip: bool
                 opt.step()
                 h2.after_step(0)
 
-            def base():
-                clip_()
-                plain.step()
-
-            try:
-                return _extra(accumulate, monitored, base, reps)
-            finally:
-                h2.close()
+            return _extra(accumulate, monitored, clip_, plain, reps, h2.close)
 
         return step, h.close, extra
     raise ValueError(name)
@@ -354,20 +333,28 @@ def _standalone(model, opt, mon, ns, tracker, b, clip):
     return step
 
 
-def _extra(accumulate, monitored, base, reps: int) -> float:
-    """Best time of ``monitored()`` minus best time of ``base()``, interleaved, on fresh gradients."""
-    accumulate()
-    monitored()
-    base()
-    bm = bb = float("inf")
-    for _ in range(reps):
-        t0 = CLOCK()
+def _extra(accumulate, monitored, clip_, plain, reps: int, close) -> float:
+    """Best time of ``monitored()`` minus best time of the unmonitored step (``clip_()`` then
+    ``plain.step()``), interleaved, on fresh gradients; ``close()`` afterwards, whatever happens."""
+    def base():
+        clip_()
+        plain.step()
+
+    try:
+        accumulate()
         monitored()
-        t1 = CLOCK()
         base()
-        t2 = CLOCK()
-        bm, bb = min(bm, t1 - t0), min(bb, t2 - t1)
-    return max(bm - bb, 0.0)
+        bm = bb = float("inf")
+        for _ in range(reps):
+            t0 = CLOCK()
+            monitored()
+            t1 = CLOCK()
+            base()
+            t2 = CLOCK()
+            bm, bb = min(bm, t1 - t0), min(bb, t2 - t1)
+        return max(bm - bb, 0.0)
+    finally:
+        close()
 
 
 VARIANTS = ["off", "fastgrad", "fastgrad standalone", "per-param (clone)", "per-param (derived)"]
