@@ -47,6 +47,44 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], reps: int = 10, war
     return best
 
 
+def per_call(fns: dict[str, Callable[[], object]], calls: int, rounds: int,
+             clock: Callable[[], float] = time.perf_counter, warmup: int | None = None) -> dict[str, float]:
+    """Best-of-``rounds`` mean seconds per call of each ``fns[k]`` over ``calls`` calls, the variants
+    interleaved (host cost of small calls; ``clock`` e.g. ``time.thread_time`` on a shared machine)."""
+    for fn in fns.values():
+        for _ in range(max(3, calls // 10) if warmup is None else warmup):
+            fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = clock()
+            for _ in range(calls):
+                fn()
+            best[k] = min(best[k], (clock() - t0) / calls)
+    return best
+
+
+def top_level_ops(fn: Callable[[], object]) -> list[str]:
+    """The aten and fastgrad ops one call of ``fn`` runs that no other such op contains (torch.profiler,
+    after one warm-up call): on a GPU each is a launch."""
+    def counted(name: str) -> bool:
+        return name.startswith("aten::") or name.startswith("fastgrad::")
+
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    out = []
+    for e in prof.events():
+        if not counted(e.name):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not counted(parent.name):
+            parent = parent.cpu_parent
+        if parent is None:
+            out.append(e.name)
+    return out
+
+
 def nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

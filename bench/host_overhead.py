@@ -20,29 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fastgrad  # noqa: E402
-from harness import table  # noqa: E402
-
-
-def per_call(fns: dict[str, Callable[[], object]], calls: int, rounds: int) -> dict[str, float]:
-    """Best-of-``rounds`` mean seconds per call of each ``fns[k]``, the variants interleaved."""
-    for fn in fns.values():
-        for _ in range(max(3, calls // 10)):
-            fn()
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            best[k] = min(best[k], (time.perf_counter() - t0) / calls)
-    return best
+from harness import per_call, table, top_level_ops  # noqa: E402
 
 
 def small_params(n: int, numel: int = 16) -> list[torch.nn.Parameter]:
@@ -127,27 +110,11 @@ def optim_rows(calls: int, rounds: int, n: int = 16) -> list[dict]:
 
     t = per_call({"plain step": plain.step, "torch clip + step": torch_clip_step, "wrap step": wrapped.step},
                  calls, rounds)
-    ops = count_aten_ops(wrapped.step), count_aten_ops(plain.step), count_aten_ops(torch_clip_step)
+    ops = len(top_level_ops(wrapped.step)), len(top_level_ops(plain.step)), len(top_level_ops(torch_clip_step))
     return [{"case": f"AdamW(fused) step, {n} params: {k}", "tensors": n, "fastgrad us": v * 1e6,
              "x plain": v / t["plain step"], "x torch clip+step": v / t["torch clip + step"],
              "aten ops": ops[("wrap step", "plain step", "torch clip + step").index(k)]}
             for k, v in t.items()]
-
-
-def count_aten_ops(fn: Callable[[], object]) -> int:
-    """Top-level aten ops one call runs on the host (each a launch on a GPU)."""
-    fn()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    events = [e for e in prof.events() if e.name.startswith("aten::") or e.name.startswith("fastgrad::")]
-    # top level: not nested inside another aten op
-    top = 0
-    for e in events:
-        parent = e.cpu_parent
-        while parent is not None and not (parent.name.startswith("aten::") or parent.name.startswith("fastgrad::")):
-            parent = parent.cpu_parent
-        top += parent is None
-    return top
 
 
 def main(argv=None) -> None:

@@ -39,39 +39,6 @@ import fastgrad
 from fastgrad.optim.folding import folded_step
 
 
-def top_level_ops(fn) -> list[str]:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    out = []
-    for e in prof.events():
-        if not e.name.startswith("aten::"):
-            continue
-        par = e.cpu_parent
-        while par is not None and not par.name.startswith("aten::"):
-            par = par.cpu_parent
-        if par is None:
-            out.append(e.name)
-    return out
-
-
-def best_per_call(fns: dict, calls: int, rounds: int, clock) -> dict[str, float]:
-    """Best-of-``rounds`` seconds per call of each variant, the variants interleaved."""
-    for fn in fns.values():
-        for _ in range(max(20, calls)):
-            fn()
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = clock()
-            for _ in range(calls):
-                fn()
-            best[k] = min(best[k], (clock() - t0) / calls)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=int, default=16)
@@ -81,7 +48,7 @@ def main() -> None:
     ap.add_argument("--wall", action="store_true", help="wall time instead of the thread's CPU time")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from harness import table
+    from harness import per_call, table, top_level_ops
 
     def params():
         torch.manual_seed(0)
@@ -126,7 +93,7 @@ def main() -> None:
            "prepare": lambda: guard.prepare(groups, None, None)}
     ops = {k: top_level_ops(fns[k]) for k in ("plain", "torch_clip", "fastgrad")}
     clock = time.perf_counter if args.wall else time.thread_time
-    best = best_per_call(fns, args.calls, args.rounds, clock)
+    best = per_call(fns, args.calls, args.rounds, clock, warmup=max(20, args.calls))
     rows = [{"variant": k, "host us": best[k] * 1e6, "x plain": best[k] / best["plain"],
              "x torch_clip": best[k] / best["torch_clip"], "aten ops": len(ops[k]) if k in ops else ""}
             for k in fns]
