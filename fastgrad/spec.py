@@ -122,6 +122,13 @@ class StatsResult(NamedTuple):
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 DTYPES_BY_CODE = tuple(sorted(DTYPE_CODES, key=DTYPE_CODES.get))
 SUPPORTED_DTYPES = DTYPES_BY_CODE
+# The exact types the backends' C++ plain readers (csrc/common/plain_reader.h) take where a call
+# only reads: tensors, and parameters (the weights of grad_stats(params=True), passed as they are:
+# a detach() per weight, and the garbage collections its new objects trigger, cost more than the
+# statistics of 10,000 small tensors). A Parameter's attributes are a tensor's (the same getset and
+# method descriptors, no __torch_function__ of its own). In-place ops take torch.Tensor only: a
+# parameter is never written through its raw memory.
+READ_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def dtypes_of_mask(mask: int) -> list[torch.dtype]:

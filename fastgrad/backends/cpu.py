@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import torch
 
-from ..spec import DTYPE_CODES, DTYPES_BY_CODE, RawStats, StatsResult, StatsSpec
+from ..spec import DTYPE_CODES, DTYPES_BY_CODE, READ_TYPES, RawStats, StatsResult, StatsSpec
 from ._layout import coalesced, dense_in_some_order
 from .base import empty_result
 
@@ -91,7 +91,7 @@ class CpuBackend:
         Returns ``(StatsResult, dtype_mask)`` (bit ``DTYPE_CODES[dtype]`` of the
         mask set for each dtype present) or None, having computed nothing, when
         some tensor is anything else. Exact ``torch.nn.Parameter`` objects are read like tensors
-        (:data:`READ_TYPES`: the weights of ``grad_stats(params=True)`` need no ``detach()``).
+        (:data:`fastgrad.spec.READ_TYPES`: the weights of ``grad_stats(params=True)`` need no ``detach()``).
         """
         T = len(tensors)
         floats = torch.empty(T + 1, spec.num_float_cols, dtype=torch.float64)
@@ -178,13 +178,6 @@ class CpuBackend:
 
 _local = threading.local()  # per-thread scratch: concurrent calls from threads never share it
 
-# The exact types the plain reader takes where it only reads: tensors, and parameters (the weights
-# of grad_stats(params=True), passed as they are: a detach() per weight, and the garbage
-# collections its new objects trigger, cost more than the statistics of 10,000 small tensors).
-# A Parameter's attributes are a tensor's (the same getset and method descriptors, no
-# __torch_function__ of its own). In-place ops (scale, clamp, and the kept clipping read) take
-# torch.Tensor only: a parameter is never written through its raw memory.
-READ_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def _scratch(rows: int, fcols: int, ccols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-thread float64 / int64 / int64 buffers of at least ``rows * fcols``, ``rows * ccols``

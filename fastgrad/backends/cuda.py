@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import DTYPE_CODES, DTYPES_BY_CODE, RawStats, StatsResult, StatsSpec
+from ..spec import DTYPE_CODES, DTYPES_BY_CODE, READ_TYPES, RawStats, StatsResult, StatsSpec
 from ._layout import dense_in_some_order, overlap_layers
 from .base import empty_result
 from .chunk_plan import ChunkPlan, PlanCache
@@ -69,7 +69,7 @@ def _read_plain(tensors: list, disjoint: bool = False, signed: bool = True, type
     ``disjoint`` (in-place ops) also when two tensors share memory. ``signed=False`` (scale, and clamp
     to ``[-v, v]``: both commute with negation) also takes negated views as their memory holds them
     (csrc/common/plain_reader.h); the statistics pass keeps True (its +Inf / -Inf counts see signs).
-    ``types``: the exact types taken (:data:`READ_TYPES` where the call only reads)."""
+    ``types``: the exact types taken (:data:`fastgrad.spec.READ_TYPES` where the call only reads)."""
     T = len(tensors)
     _check_not_capturing(tensors[0].device)
     meta = torch.empty(3 * T, dtype=torch.int64, pin_memory=True)  # pointers, numels, dtype codes
@@ -81,11 +81,6 @@ def _read_plain(tensors: list, disjoint: bool = False, signed: bool = True, type
     plan = _plan_from_meta(device, meta, T, key_hash)
     ptrs = meta[:T].to(device, non_blocking=True)  # the caching host allocator keeps meta until copied
     return device, plan, ptrs, mask
-
-
-# Exact types the reader takes where a call only reads: tensors and parameters (the weights of
-# grad_stats(params=True), as in backends/cpu.py); in-place ops take torch.Tensor only.
-READ_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _check_not_capturing(device: torch.device) -> None:
